@@ -1,0 +1,1 @@
+"""Flower ClientApp for fedistill (the federation issue fills this package)."""

@@ -1,0 +1,3 @@
+"""fedistill: federated and privacy-aware dataset distillation."""
+
+__version__ = "0.1.0"

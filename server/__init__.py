@@ -1,0 +1,1 @@
+"""Flower ServerApp, strategy and aggregation rules for fedistill (the federation issue fills this package)."""
