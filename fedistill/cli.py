@@ -1,0 +1,165 @@
+"""The ``fedistill`` command line.
+
+Every command flag is sugar for a dotted config key (``--ipc 50`` is
+``--set distill.ipc=50``), so a run is always described by one validated
+``ExperimentConfig`` that lands in the run directory. Mistakes a user can fix
+(bad config, missing data) end in one red ``error: ...`` line and exit code 2;
+tracebacks are left for bugs. Torch and the library are imported inside the
+commands so that ``fedistill --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="fedistill",
+    help="Federated and privacy-aware dataset distillation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Download and inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+USER_ERROR_EXIT = 2
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn configuration and data problems into one red line on stderr and exit code 2."""
+    from fedistill.config import ConfigError
+    from fedistill.data import DataError
+
+    try:
+        yield
+    except (ConfigError, DataError) as error:
+        err_console.print(f"error: {error}", style="red", markup=False, highlight=False)
+        raise typer.Exit(USER_ERROR_EXIT) from None
+
+
+def parse_value(raw: str) -> Any:
+    """Read an override value as a TOML scalar or array (``3``, ``0.5``, ``true``, ``[1, 2]``), else as a string.
+
+    Dates and times stay strings: no config key holds one, and ``2024-01-01``
+    meant as a name must not turn into a date.
+    """
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    if isinstance(value, dt.date | dt.time):
+        return raw
+    return value
+
+
+def parse_sets(entries: list[str]) -> dict[str, Any]:
+    """``["distill.ipc=50", ...]`` -> ``{"distill.ipc": 50, ...}``, rejecting entries without a key."""
+    from fedistill.config import ConfigError
+
+    overrides: dict[str, Any] = {}
+    for entry in entries:
+        key, sep, raw = entry.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {entry!r}: expected key.path=value, e.g. distill.ipc=10")
+        overrides[key] = parse_value(raw.strip())
+    return overrides
+
+
+@app.command()
+def distill(
+    config: Annotated[Path | None, typer.Argument(help="Experiment TOML file; defaults apply without one.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set distill.lr_images=0.5 (repeatable)."),
+    ] = None,
+    method: Annotated[str | None, typer.Option(help="distill.method")] = None,
+    ipc: Annotated[int | None, typer.Option(help="distill.ipc: synthetic images per class.")] = None,
+    iterations: Annotated[int | None, typer.Option(help="distill.iterations")] = None,
+    dataset: Annotated[str | None, typer.Option(help="data.name")] = None,
+    eval_epochs: Annotated[int | None, typer.Option(help="eval.epochs")] = None,
+    num_nets: Annotated[int | None, typer.Option(help="eval.num_nets: networks trained to evaluate the set.")] = None,
+    device: Annotated[str | None, typer.Option(help="device: auto, cpu or cuda.")] = None,
+    output: Annotated[Path | None, typer.Option(help="output_dir: where the run directory is created.")] = None,
+) -> None:
+    """Distil a dataset centrally, evaluate the set and write a run directory.
+
+    CONFIG is an experiment TOML file (without one the defaults apply). --set
+    entries apply over it first, then the named flags.
+    """
+    with _user_errors():
+        from fedistill.central import run_central
+        from fedistill.config import apply_overrides, load_config, parse_config
+
+        overrides = parse_sets(set_ or [])
+        flags = {
+            "distill.method": method,
+            "distill.ipc": ipc,
+            "distill.iterations": iterations,
+            "data.name": dataset,
+            "eval.epochs": eval_epochs,
+            "eval.num_nets": num_nets,
+            "device": device,
+            "output_dir": None if output is None else str(output),
+        }
+        overrides.update({key: value for key, value in flags.items() if value is not None})
+        cfg = load_config(config, overrides) if config is not None else parse_config(apply_overrides({}, overrides))
+        run_central(cfg, console)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="Dataset: fashion-mnist, mnist or cifar10.")],
+    dest: Annotated[Path | None, typer.Option(help="Directory to download into (default: the user cache).")] = None,
+) -> None:
+    """Download a dataset's files, checking their digests; files already present are kept."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with _user_errors():
+        from fedistill.data import fetch_dataset
+
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(f"fetch {name}", total=None)
+            directory = fetch_dataset(
+                name, dest, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+        console.print(f"{name}: files in {directory}", markup=False, highlight=False)
+
+
+@data_app.command("info")
+def data_info(
+    name: Annotated[str, typer.Argument(help="Dataset: fashion-mnist, mnist, cifar10, digits or npz.")],
+    root: Annotated[Path | None, typer.Option(help="Directory to search first for the dataset's files.")] = None,
+    path: Annotated[Path | None, typer.Option(help="The .npz file (dataset npz) or the exact directory.")] = None,
+) -> None:
+    """Print image shape, split sizes and per-class counts of a dataset's train and test splits."""
+    with _user_errors():
+        from fedistill.data import load_dataset
+
+        train = load_dataset(name, "train", root=root, path=path)
+        test = load_dataset(name, "test", root=root, path=path)
+        info = train.info
+        train_counts, test_counts = train.class_counts(), test.class_counts()
+        table = Table(title=f"{info.name}: {len(train)} train / {len(test)} test images, shape {info.shape}")
+        table.add_column("class", justify="right")
+        table.add_column("name")
+        table.add_column("train", justify="right")
+        table.add_column("test", justify="right")
+        for index, class_name in enumerate(info.class_names):
+            table.add_row(str(index), class_name, str(train_counts[index]), str(test_counts[index]))
+        table.add_row("", "total", str(len(train)), str(len(test)), style="bold")
+        console.print(table)

@@ -1,0 +1,115 @@
+"""The ``fedistill`` command: an end-to-end smoke run, one-line user errors, and dataset info."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedistill.cli import app, parse_value
+from fedistill.config import load_config
+from fedistill.synthetic import SyntheticSet
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke-digits.toml"
+CONFIGS = sorted((REPO / "configs").glob("*.toml"))
+
+runner = CliRunner()
+
+
+def assert_one_error_line(stderr: str, *needles: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    assert "Traceback" not in stderr
+
+
+def test_distill_smoke_config_end_to_end(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["distill", str(SMOKE), "--output", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("central-digits-dm-ipc2-")
+    syn = SyntheticSet.load(run_dir / "synthetic.safetensors")
+    assert len(syn) == 20 and syn.images.shape[1:] == (1, 8, 8)
+    grids = sorted(p.name for p in (run_dir / "grids").glob("*.png"))
+    assert "grid_all.png" in grids and len(grids) == 11
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["method"], metrics["ipc"], metrics["dataset"], metrics["images"]) == ("dm", 2, "digits", 20)
+    assert len(metrics["eval"]["accuracies"]) == 1 and 0.0 <= metrics["eval"]["mean"] <= 1.0
+    assert metrics["bytes"] == syn.nbytes()
+    saved = load_config(run_dir / "config.toml")
+    assert saved.output_dir == tmp_path and saved.device == "cpu" and saved.distill.ipc == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--set", "distill.ipcc=3"], ("distill.ipcc", "unknown key")),
+        (["--set", "distill.ipc=0"], ("distill.ipc",)),
+        (["--set", "eval.dsa_strategy=crop_blur"], ("eval.dsa_strategy", "blur")),
+        (["--set", "justakey"], ("--set", "key.path=value")),
+        (["--method", "nosuch"], ("distill.method", "nosuch")),
+        (["--dataset", "svhn"], ("data.name", "svhn")),
+        ([str(REPO / "configs" / "missing.toml")], ("missing.toml", "not found")),
+    ],
+)
+def test_bad_settings_print_one_error_line(args: list[str], needles: tuple[str, ...], tmp_path: Path) -> None:
+    result = runner.invoke(app, ["distill", *args, "--output", str(tmp_path)])
+    assert result.exit_code == 2
+    assert_one_error_line(result.stderr, *needles)
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_value_in_config_file_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[eval]\nepochs = "many"\n')
+    result = runner.invoke(app, ["distill", str(config)])
+    assert result.exit_code == 2
+    assert_one_error_line(result.stderr, "eval.epochs")
+
+
+def test_data_info_digits() -> None:
+    result = runner.invoke(app, ["data", "info", "digits"])
+    assert result.exit_code == 0, result.output
+    assert "1348 train" in result.stdout and "449 test" in result.stdout
+
+
+def test_data_errors_are_one_line() -> None:
+    result = runner.invoke(app, ["data", "info", "nosuchset"])
+    assert result.exit_code == 2
+    assert_one_error_line(result.stderr, "nosuchset")
+    fetched = runner.invoke(app, ["data", "fetch", "digits"])
+    assert fetched.exit_code == 2
+    assert_one_error_line(fetched.stderr, "digits")
+
+
+def test_set_values_parse_as_toml_scalars() -> None:
+    assert parse_value("3") == 3
+    assert parse_value("0.5") == 0.5
+    assert parse_value("true") is True
+    assert parse_value('"quoted"') == "quoted"
+    assert parse_value("[1, 2]") == [1, 2]
+    assert parse_value("mnist") == "mnist"
+    assert parse_value("/data/sets") == "/data/sets"
+    assert parse_value("2024-01-01") == "2024-01-01"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_configs_are_valid(path: Path) -> None:
+    load_config(path)
+
+
+def test_help_works_as_script_and_module() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "distill" in result.stdout and "data" in result.stdout
+    module = subprocess.run(
+        [sys.executable, "-m", "fedistill", "distill", "--help"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert module.returncode == 0, module.stderr
+    assert "--set" in module.stdout and "--eval-epochs" in module.stdout
