@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--dsa", action="store_true", help="use siamese augmentation in both")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--compile", default="on", choices=["auto", "on", "off"])
     parser.add_argument("--record", action="store_true", help="write benchmarks/results/dm-batched-vs-loop-speedup.json")
     args = parser.parse_args()
 
@@ -96,7 +97,7 @@ def main() -> None:
     augment = SiameseAugment(strategy) if args.dsa else None
     settings = DistillSettings(
         ipc=args.ipc, iterations=1, batch_real=args.per_class, dsa=args.dsa, dsa_strategy=strategy,
-        real_precision=args.precision,
+        real_precision=args.precision, compile=args.compile,
     )
     shipped = get_distiller("dm")(spec, settings, device)
     syn = images[torch.cat([r[: args.ipc] for r in rows])].clone().requires_grad_(True)
@@ -130,7 +131,7 @@ def main() -> None:
     fp32_peak = matmul_peak(torch.float32, device)
     bf16_peak = matmul_peak(torch.bfloat16, device)
     print(f"hardware: {hardware()}")
-    print(f"setting: ConvNet-3 w128, {args.per_class} real/class, IPC {args.ipc}, dsa={args.dsa}, real pass {dtype}")
+    print(f"setting: ConvNet-3 w128, {args.per_class} real/class, IPC {args.ipc}, dsa={args.dsa}, real pass {dtype}, compile={args.compile}")
     print(f"paper per-class loop: median {loop_median:.3f} s/it over {len(loop_times)}")
     print(f"shipped:              median {shipped_median:.3f} s/it over {len(shipped_times)}")
     print(f"speedup (ratio of medians): {speedup:.2f}x")
@@ -139,7 +140,8 @@ def main() -> None:
     if args.record:
         path = write_result(
             "dm-batched-vs-loop-speedup", round(speedup, 2), "x (ratio of median s/iteration)",
-            f"ConvNet-3 w128, {args.per_class} real/class, IPC {args.ipc}, dsa={args.dsa}, real pass {dtype}; "
+            f"ConvNet-3 w128, {args.per_class} real/class, IPC {args.ipc}, dsa={args.dsa}, real pass {dtype}, "
+            f"compile={args.compile}; "
             f"loop {loop_median:.3f} s/it vs shipped {shipped_median:.3f} s/it, {len(loop_times)} alternating iterations",
         )
         print(f"wrote {path}")

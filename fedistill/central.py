@@ -88,7 +88,7 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     if finite:
         xs, ys = zip(*finite, strict=True)
         plot_curve(xs, ys, "iteration", "distillation loss", run_dir / "distill_loss.png", f"{cfg.distill.method} loss")
-    del images, labels
+    del images, labels  # the evaluation never sees the training split; free its device memory
 
     settings = TrainSettings.from_config(cfg.eval, cfg.data.name)
     eval_seed = cfg.seed + EVAL_SEED_OFFSET

@@ -65,6 +65,7 @@ class DistillConfig(_Section):
     lr_net: float = Field(default=0.01, gt=0)
     batch_train: int = Field(default=256, ge=1)
     real_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("method")
     @classmethod

@@ -25,6 +25,7 @@ class DistillSettings:
     ``None`` means "the method's published default" (learning rate, DC loop lengths).
     ``real_precision`` is the dtype of the no-grad forward pass over real images:
     ``fp32``, ``bf16``, or ``auto`` (bf16 where the hardware has fast bf16 matmuls).
+    ``compile`` (``auto``/``on``/``off``) compiles DM's forward passes; ``auto`` does so for long runs.
     """
 
     ipc: int = 10
@@ -39,6 +40,7 @@ class DistillSettings:
     lr_net: float = 0.01
     batch_train: int = 256
     real_precision: str = "auto"
+    compile: str = "auto"
 
 
 class Distiller(ABC):

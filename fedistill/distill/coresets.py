@@ -17,7 +17,7 @@ from fedistill.distill.base import (
     register,
     source_counts,
 )
-from fedistill.distill.embedding import random_network, real_embeddings
+from fedistill.distill.embedding import Embedder, random_network
 from fedistill.synthetic import SyntheticSet
 
 
@@ -40,11 +40,12 @@ class _Coreset(Distiller):
         counts = source_counts(labels, num_classes)
         budgets = per_class_budget(counts, self.settings.ipc)
         net = random_network(self.model_spec, images.shape[1:], num_classes, generator, self.device)
+        embedder = Embedder(net, self.settings.real_precision, compiled=False)
         chosen: list[torch.Tensor] = []
         for cls, rows in enumerate(class_indices(labels, num_classes)):
             if budgets[cls] == 0:
                 continue
-            features = real_embeddings(net, images[rows], self.settings.real_precision) if self.needs_features else rows
+            features = embedder.real(images[rows]) if self.needs_features else rows
             chosen.append(rows[self.select(features, int(budgets[cls]), generator).to(rows.device)])
             if progress is not None:
                 progress(cls + 1, num_classes, 0.0)

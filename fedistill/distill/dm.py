@@ -8,7 +8,7 @@ between the two means; images are updated by SGD (lr 1.0, momentum 0.5).
 
 Same maths as the paper's per-class loop, computed faster: augmentation stays
 per class (it is cheap), but the networks run once over all classes together,
-the real pass without autograd (see ``embedding.real_embeddings``), and per-class
+the real pass without autograd (see ``embedding.Embedder``), and per-class
 means come from one reshape of the batched output.
 """
 
@@ -26,7 +26,7 @@ from fedistill.distill.base import (
     register,
     source_counts,
 )
-from fedistill.distill.embedding import has_batch_statistics, random_network, real_embeddings
+from fedistill.distill.embedding import Embedder, has_batch_statistics, random_network, resolve_compile
 from fedistill.synthetic import SyntheticSet
 
 DM_LR_IMAGES = 1.0
@@ -87,6 +87,7 @@ class DistributionMatching(Distiller):
         optimizer = torch.optim.SGD([syn], lr=settings.lr_images or DM_LR_IMAGES, momentum=DM_MOMENTUM)
         augment = SiameseAugment(settings.dsa_strategy) if settings.dsa else None
         syn_offsets = np.concatenate([[0], np.cumsum(budgets)])
+        compiled = resolve_compile(settings.compile, settings.iterations, self.device)
         for iteration in range(settings.iterations):
             net = random_network(self.model_spec, images.shape[1:], num_classes, generator, self.device)
             if has_batch_statistics(net):
@@ -101,9 +102,10 @@ class DistributionMatching(Distiller):
                 real_parts.append(real)
                 syn_parts.append(mine)
                 real_sizes.append(len(real))
-            real_features = real_embeddings(net, torch.cat(real_parts), settings.real_precision)
+            embedder = Embedder(net, settings.real_precision, compiled)
+            real_features = embedder.real(torch.cat(real_parts))
             real_means = torch.stack([part.mean(0) for part in real_features.split(real_sizes)])
-            syn_features = net.embed(torch.cat(syn_parts))
+            syn_features = embedder.synthetic(torch.cat(syn_parts))
             syn_means = torch.stack([part.mean(0) for part in syn_features.split([len(p) for p in syn_parts])])
             loss = ((real_means - syn_means) ** 2).sum()
             optimizer.zero_grad(set_to_none=True)
@@ -116,5 +118,10 @@ class DistributionMatching(Distiller):
             syn_labels,
             num_classes,
             counts,
-            provenance={"init": settings.init, "iterations": settings.iterations, "dsa": settings.dsa},
+            provenance={
+                "init": settings.init,
+                "iterations": settings.iterations,
+                "dsa": settings.dsa,
+                "compiled": compiled,
+            },
         )
