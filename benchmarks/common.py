@@ -31,7 +31,9 @@ def hardware() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+    """The command line as typed from the repository root (``python -m benchmarks.NAME ...``)."""
+    module = f"benchmarks.{Path(sys.argv[0]).stem}"
+    return " ".join(["python", "-m", module, *(shlex.quote(arg) for arg in sys.argv[1:])])
 
 
 def write_result(result_id: str, value: float, unit: str, notes: str) -> Path:

@@ -137,3 +137,18 @@ def test_loop_lengths_follow_paper_and_accept_any_ipc() -> None:
     outer, inner = loop_lengths(15)
     assert 10 <= outer <= 20 and 25 <= inner <= 50
     assert loop_lengths(200) == (50, 10)
+
+
+def test_compiled_dm_matches_eager(digits_train: ImageData) -> None:
+    """The compiled fast path is the same maths: same seed, same set up to float rounding."""
+    images, labels = tensors(digits_train)
+    sets = [
+        get_distiller("dm")(
+            SMALL,
+            DistillSettings(ipc=2, iterations=3, batch_real=40, dsa=True, real_precision="fp32", compile=mode),
+            CPU,
+        )(images, labels, 10, seed=0)
+        for mode in ("off", "on")
+    ]
+    assert sets[1].provenance["compiled"] and not sets[0].provenance["compiled"]
+    torch.testing.assert_close(sets[1].images, sets[0].images, atol=1e-4, rtol=1e-4)
