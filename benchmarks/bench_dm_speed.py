@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--compile", default="on", choices=["auto", "on", "off"])
+    parser.add_argument("--variants", action="store_true", help="also time fp32/bf16 x eager/compiled side by side")
     parser.add_argument("--record", action="store_true", help="write benchmarks/results/dm-batched-vs-loop-speedup.json")
     args = parser.parse_args()
 
@@ -108,20 +110,32 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    loop_times, shipped_times = [], []
+    def shipped_with(precision: str, compile_mode: str):  # type: ignore[no-untyped-def]
+        variant = get_distiller("dm")(spec, replace(settings, real_precision=precision, compile=compile_mode), device)
+        return lambda: variant.distill(images, labels, 10, generator)
+
+    implementations = {
+        "paper loop": lambda: paper_loop_iteration(
+            images, rows, syn, args.ipc, args.per_class, augment, spec, generator, optimizer
+        ),
+        "shipped": lambda: shipped.distill(images, labels, 10, generator),
+    }
+    if args.variants:
+        for precision in ("fp32", "bf16"):
+            for compile_mode in ("off", "on"):
+                implementations[f"batched {precision} compile={compile_mode}"] = shipped_with(precision, compile_mode)
+    times: dict[str, list[float]] = {name: [] for name in implementations}
     for step in range(args.iterations + 2):
-        sync()
-        start = time.perf_counter()
-        paper_loop_iteration(images, rows, syn, args.ipc, args.per_class, augment, spec, generator, optimizer)
-        sync()
-        loop_s = time.perf_counter() - start
-        start = time.perf_counter()
-        shipped.distill(images, labels, 10, generator)
-        sync()
-        shipped_s = time.perf_counter() - start
-        if step >= 2:
-            loop_times.append(loop_s)
-            shipped_times.append(shipped_s)
+        for name, run in implementations.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            if step >= 2:
+                times[name].append(time.perf_counter() - start)
+    for name, values in times.items():
+        print(f"{name:32s} median {statistics.median(values):.3f} s/it")
+    loop_times, shipped_times = times["paper loop"], times["shipped"]
     loop_median = statistics.median(loop_times)
     shipped_median = statistics.median(shipped_times)
     speedup = loop_median / shipped_median
@@ -132,8 +146,6 @@ def main() -> None:
     bf16_peak = matmul_peak(torch.bfloat16, device)
     print(f"hardware: {hardware()}")
     print(f"setting: ConvNet-3 w128, {args.per_class} real/class, IPC {args.ipc}, dsa={args.dsa}, real pass {dtype}, compile={args.compile}")
-    print(f"paper per-class loop: median {loop_median:.3f} s/it over {len(loop_times)}")
-    print(f"shipped:              median {shipped_median:.3f} s/it over {len(shipped_times)}")
     print(f"speedup (ratio of medians): {speedup:.2f}x")
     print(f"shipped conv throughput: {flops / shipped_median / 1e9:.0f} GFLOP/s "
           f"(matmul peak fp32 {fp32_peak:.0f}, bf16 {bf16_peak:.0f} GFLOP/s)")

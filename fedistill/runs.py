@@ -53,12 +53,20 @@ def _atomic_write(path: Path, write: Callable[[IO[str]], None]) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temp_name, 0o666 & ~_current_umask())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def _current_umask() -> int:
+    """mkstemp creates files 0600; run files should get the usual permissions instead."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 
@@ -81,3 +83,12 @@ def test_to_toml_round_trips_awkward_values() -> None:
     assert tomllib.loads(to_toml(values)) == values
     with pytest.raises(TypeError, match=r"outer\.when"):
         to_toml({"outer": {"when": object()}})
+
+
+def test_written_files_get_umask_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644
