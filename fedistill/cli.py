@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -163,3 +164,96 @@ def data_info(
             table.add_row(str(index), class_name, str(train_counts[index]), str(test_counts[index]))
         table.add_row("", "total", str(len(train)), str(len(test)), style="bold")
         console.print(table)
+
+
+# Beyond this many clients the terminal table is cut short; the JSON file has them all.
+_PARTITION_TABLE_ROWS = 200
+
+
+@data_app.command("partitions")
+def data_partitions(
+    config: Annotated[Path | None, typer.Argument(help="Experiment TOML file; defaults apply without one.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set partition.alpha=0.1 (repeatable)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Directory for partition_counts.png and .json (default: current directory).")
+    ] = None,
+) -> None:
+    """Split the training set of data.* among clients as partition.* says and show images per client and class.
+
+    The partition is the one a federated run with the same config and seed
+    uses. Writes a heatmap (partition_counts.png) and the counts matrix with
+    the scheme and its parameters (partition_counts.json) to --output.
+    """
+    with _user_errors():
+        import numpy as np
+
+        from fedistill.config import ConfigError, apply_overrides, load_config, parse_config
+        from fedistill.data import PartitionError, load_dataset, partition_dataset, plot_partition_counts
+        from fedistill.runs import write_json
+
+        overrides = parse_sets(set_ or [])
+        cfg = load_config(config, overrides) if config is not None else parse_config(apply_overrides({}, overrides))
+        train = load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
+        if cfg.data.train_subset is not None:
+            train = train.subset(np.arange(min(cfg.data.train_subset, len(train))))
+        info, part = train.info, cfg.partition
+        try:
+            partitioning = partition_dataset(
+                train.labels,
+                info.num_classes,
+                part.scheme,
+                part.num_clients,
+                alpha=part.alpha,
+                classes_per_client=part.classes_per_client,
+                shards_per_client=part.shards_per_client,
+                min_partition_size=part.min_partition_size,
+                seed=cfg.seed,
+            )
+        except PartitionError as error:
+            raise ConfigError(str(error)) from None
+        counts = partitioning.counts(train.labels)
+
+        # No vertical rules and one space between columns: ten classes of
+        # four-digit counts then fit an 80-column terminal without "…".
+        table = Table(
+            title=f"{info.name}: {len(train)} training images over {part.num_clients} clients ({part.scheme})",
+            caption="classes: " + ", ".join(f"{index} {name}" for index, name in enumerate(info.class_names)),
+            box=box.SIMPLE_HEAD,
+            padding=(0, 0, 0, 1),
+        )
+        table.add_column("client", justify="right", overflow="fold")
+        for index in range(info.num_classes):
+            table.add_column(str(index), justify="right", overflow="fold")
+        table.add_column("total", justify="right", style="bold", overflow="fold")
+        for client, row in enumerate(counts[:_PARTITION_TABLE_ROWS]):
+            table.add_row(str(client), *(str(int(value)) for value in row), str(int(row.sum())))
+        if part.num_clients > _PARTITION_TABLE_ROWS:
+            table.add_row(f"... {part.num_clients - _PARTITION_TABLE_ROWS} more clients (see the JSON file)")
+        table.add_row("total", *(str(int(value)) for value in counts.sum(axis=0)), str(int(counts.sum())), style="bold")
+        console.print(table)
+        if int(counts.sum()) != len(train):
+            console.print(
+                f"{len(train) - int(counts.sum())} of {len(train)} images are held by no client ({part.scheme})",
+                markup=False,
+                highlight=False,
+            )
+
+        directory = output if output is not None else Path.cwd()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            png = plot_partition_counts(counts, info.class_names, directory / "partition_counts.png")
+            record = {
+                "dataset": info.name,
+                "train_images": len(train),
+                "seed": cfg.seed,
+                "partition": part.model_dump(mode="json"),
+                "class_names": list(info.class_names),
+                "counts": counts.tolist(),
+            }
+            json_path = write_json(directory / "partition_counts.json", record)
+        except OSError as error:
+            raise ConfigError(f"--output {directory}: {error.strerror or error}") from None
+        console.print(f"wrote {png} and {json_path}", markup=False, highlight=False)

@@ -39,6 +39,23 @@ class DataConfig(_Section):
         return self
 
 
+class PartitionConfig(_Section):
+    """How the training split is divided among federated clients (see ``fedistill.data.partition``).
+
+    The partition seed is the experiment ``seed``: one seed fixes who holds
+    which image, so a run is repeated with the same clients. ``alpha`` and
+    ``min_partition_size`` apply to ``dirichlet``, ``classes_per_client`` to
+    ``pathological``, ``shards_per_client`` to ``shard``; ``iid`` needs none.
+    """
+
+    scheme: Literal["iid", "dirichlet", "pathological", "shard"] = "dirichlet"
+    num_clients: int = Field(default=10, ge=1, le=10000)
+    alpha: float = Field(default=0.5, gt=0, description="Dirichlet concentration; smaller is more skewed")
+    classes_per_client: int = Field(default=2, ge=1)
+    shards_per_client: int = Field(default=2, ge=1)
+    min_partition_size: int = Field(default=10, ge=0, description="Dirichlet redraws until every client has this many")
+
+
 class ModelConfig(_Section):
     arch: Literal["convnet", "mlp"] = "convnet"
     width: int = Field(default=128, ge=1, le=4096)
@@ -114,6 +131,7 @@ class ExperimentConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: Path = Path("runs")
     data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
     distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
