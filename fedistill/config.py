@@ -8,6 +8,7 @@ a message naming the key path and the allowed values. Later sections
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,6 +127,27 @@ class EvalConfig(_Section):
         return value
 
 
+AGGREGATIONS = ("union", "class-weighted", "redistill")
+"""The server's aggregation rules (``server.aggregation``'s registry; a test keeps the two in step)."""
+
+
+class FederationConfig(_Section):
+    """How the server runs the federation. Only ``one-shot`` (clients distill once) exists so far."""
+
+    protocol: Literal["one-shot"] = "one-shot"
+    aggregation: Literal["union", "class-weighted", "redistill"] = "union"
+    server_ipc: int | None = Field(default=None, ge=1, description="images per class after 'redistill'")
+    min_clients: int = Field(default=2, ge=1, description="replies needed for a round to count")
+    round_timeout_s: float = Field(default=3600.0, gt=0)
+    max_reply_mb: float = Field(default=256.0, gt=0, description="larger client replies are rejected unread")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        if self.aggregation == "redistill" and self.server_ipc is None:
+            raise ValueError("federation.server_ipc is required when federation.aggregation = 'redistill'")
+        return self
+
+
 class ExperimentConfig(_Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -135,6 +157,7 @@ class ExperimentConfig(_Section):
     model: ModelConfig = ModelConfig()
     distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
+    federation: FederationConfig = FederationConfig()
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -182,3 +205,27 @@ def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[s
                 raise ConfigError(f"{dotted}: {part} is not a section")
         node[leaf] = value
     return merged
+
+
+def to_run_config(config: ExperimentConfig) -> dict[str, str | int | float | bool]:
+    """Flat ``section.key`` scalars, the shape of Flower's run config; unset (None) values are left out."""
+    flat: dict[str, str | int | float | bool] = {}
+    for key, value in config.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": item for inner, item in value.items() if item is not None})
+        elif value is not None:
+            flat[key] = value
+    return flat
+
+
+def from_run_config(flat: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a Flower run config (``section.key`` entries) as an experiment; keys outside it are refused."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        section, _, key = str(dotted).partition(".")
+        if key:
+            nested.setdefault(section, {})[key] = value
+        else:
+            nested[section] = value
+    return parse_config(nested)
+

@@ -83,6 +83,7 @@ def train_model(
     settings: TrainSettings,
     generator: torch.Generator,
     soft_labels: torch.Tensor | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``images`` (normalised NCHW, on the model's device) and return it.
 
@@ -100,6 +101,10 @@ def train_model(
     if soft_labels is not None and soft_labels.shape[0] != count:
         raise ValueError(f"train: soft_labels has {soft_labels.shape[0]} rows for {count} images")
     targets = labels if soft_labels is None else soft_labels
+    if sample_weights is not None:
+        if sample_weights.shape != (count,) or not torch.isfinite(sample_weights).all() or (sample_weights < 0).any():
+            raise ValueError("train: sample_weights must be one finite, non-negative weight per image")
+        sample_weights = sample_weights * (count / sample_weights.sum())
     augment = SiameseAugment(settings.dsa_strategy) if settings.dsa_strategy is not None else None
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -115,7 +120,10 @@ def train_model(
             inputs = images[batch]
             if augment is not None:
                 inputs = augment(inputs, generator, siamese=False)
-            loss = F.cross_entropy(model(inputs), targets[batch])
+            if sample_weights is None:
+                loss = F.cross_entropy(model(inputs), targets[batch])
+            else:
+                loss = (F.cross_entropy(model(inputs), targets[batch], reduction="none") * sample_weights[batch]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -180,13 +188,16 @@ def evaluate_set(
     seed: int,
     num_nets: int,
     progress: Callable[[int, int], None] | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> EvalResult:
     """Train ``num_nets`` fresh networks on ``syn`` and report their test accuracies.
 
     Network ``i`` is initialised and trained from seed ``seed + i`` (its own
     generator; the global RNG state is left as it was), so networks differ from
     each other but a run repeats exactly. Soft labels of the set are used when
-    present. ``progress(done, num_nets)`` is called after each network.
+    present. ``sample_weights`` (one per image, e.g. from class-weighted
+    aggregation) scale each image's loss; they are rescaled to mean 1.
+    ``progress(done, num_nets)`` is called after each network.
     """
     if len(syn) == 0:
         raise ValueError("evaluate: the synthetic set is empty; there is nothing to train on")
@@ -209,7 +220,8 @@ def evaluate_set(
             model = build_model(model_spec, (channels, height, width), syn.num_classes)
         model.to(device)
         generator = torch.Generator().manual_seed(net_seed)
-        train_model(model, on_device.images, on_device.labels, settings, generator, on_device.soft_labels)
+        weights = None if sample_weights is None else sample_weights.to(device)
+        train_model(model, on_device.images, on_device.labels, settings, generator, on_device.soft_labels, weights)
         accuracy, _ = evaluate_model(model, test_x, test_y)
         accuracies.append(accuracy)
         if progress is not None:

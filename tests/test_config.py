@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from fedistill.config import ConfigError, ExperimentConfig, apply_overrides, load_config, parse_config
+from fedistill.config import (
+    AGGREGATIONS,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    from_run_config,
+    load_config,
+    parse_config,
+    to_run_config,
+)
 
 
 def test_defaults_are_the_protocol() -> None:
@@ -56,3 +65,26 @@ def test_overrides_do_not_mutate_input() -> None:
     values = {"distill": {"ipc": 1}}
     merged = apply_overrides(values, {"distill.ipc": 2})
     assert values["distill"]["ipc"] == 1 and merged["distill"]["ipc"] == 2
+
+
+def test_run_config_round_trip() -> None:
+    config = parse_config({"seed": 4, "distill": {"ipc": 3}, "federation": {"aggregation": "class-weighted"}})
+    flat = to_run_config(config)
+    assert flat["distill.ipc"] == 3 and flat["federation.aggregation"] == "class-weighted"
+    assert all(isinstance(value, (str, int, float, bool)) for value in flat.values())
+    assert from_run_config(flat) == config
+
+
+def test_federation_consistency_errors() -> None:
+    with pytest.raises(ConfigError, match="federation.protocol: invalid value 'multi-round'"):
+        parse_config({"federation": {"protocol": "multi-round"}})
+    with pytest.raises(ConfigError, match="federation.server_ipc is required"):
+        parse_config({"federation": {"aggregation": "redistill"}})
+    with pytest.raises(ConfigError, match="federation.aggregation: invalid value 'mean'"):
+        parse_config({"federation": {"aggregation": "mean"}})
+
+
+def test_config_aggregations_match_server_registry() -> None:
+    from server.aggregation import available_aggregators
+
+    assert set(AGGREGATIONS) == set(available_aggregators())

@@ -179,3 +179,25 @@ def test_empty_set_is_rejected() -> None:
         evaluate_set(empty, test_x, test_y, SMALL_CONV, TrainSettings(epochs=1), CPU, seed=0, num_nets=1)
     with pytest.raises(ValueError, match="no images"):
         train_model(mlp(), test_x[:0], test_y[:0], TrainSettings(epochs=1), gen(0))
+
+
+def test_sample_weights_change_training_and_uniform_weights_do_not() -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 1, 8, 8), torch.arange(12) % 3
+    spec = ModelSpec(width=8, depth=1)
+    settings = TrainSettings(epochs=3, batch_size=5)
+
+    def trained(weights: torch.Tensor | None) -> torch.Tensor:
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            model = build_model(spec, (1, 8, 8), 3)
+        train_model(model, images, labels, settings, torch.Generator().manual_seed(2), sample_weights=weights)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = trained(None)
+    torch.testing.assert_close(trained(torch.full((12,), 7.0)), plain)
+    skewed = torch.ones(12)
+    skewed[:4] = 10.0
+    assert not torch.allclose(trained(skewed), plain)
+    with pytest.raises(ValueError, match="sample_weights"):
+        trained(torch.full((12,), float("nan")))

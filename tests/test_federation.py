@@ -1,0 +1,134 @@
+"""The ClientApp and the one-shot server round, driven in-process through a Grid test double (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+
+from clients.app import train as client_train
+from fedistill.config import ExperimentConfig, parse_config, to_run_config
+from server.federation import NotEnoughClients, run_one_shot, train_messages
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a Flower run, messages need the run identity that the ServerApp runtime would set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def small_config(tmp_path: Path, **federation: Any) -> ExperimentConfig:
+    return parse_config(
+        {
+            "seed": 1,
+            "output_dir": str(tmp_path),
+            "data": {"name": "digits"},
+            "partition": {"scheme": "dirichlet", "num_clients": 3, "alpha": 1.0, "min_partition_size": 50},
+            "model": {"width": 16, "depth": 2},
+            "distill": {"method": "dm", "ipc": 2, "iterations": 5, "batch_real": 32},
+            "eval": {"epochs": 30, "num_nets": 1},
+            "federation": {"min_clients": 2, **federation},
+        }
+    )
+
+
+class LocalGrid:
+    """Delivers each message to ``clients.app.train`` with that node's context; ``tamper`` edits replies."""
+
+    def __init__(self, config: ExperimentConfig, num_nodes: int, tamper: dict[int, Any] | None = None) -> None:
+        self.run_config = to_run_config(config)
+        self.nodes = list(range(101, 101 + num_nodes))
+        self.tamper = tamper or {}
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": self.nodes.index(node), "num-partitions": len(self.nodes)},
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
+            reply = client_train(message, context)
+            if node in self.tamper:
+                reply = self.tamper[node](reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def test_client_reply_carries_a_valid_set_and_metrics(tmp_path: Path) -> None:
+    config = small_config(tmp_path)
+    grid = LocalGrid(config, 3)
+    (reply,) = grid.send_and_receive(train_messages([102], 1))
+    arrays = {key: array.numpy() for key, array in reply.content.array_records["set"].items()}
+    metrics = reply.content.metric_records["metrics"]
+    assert arrays["images"].shape[1:] == (1, 8, 8) and arrays["images"].dtype == np.float32
+    assert metrics["num-images"] == len(arrays["labels"]) and metrics["bytes"] > 0
+    assert metrics["partition-id"] == 1 and sum(metrics["source-counts"]) == metrics["num-examples"]
+
+
+def test_one_shot_round_end_to_end(tmp_path: Path) -> None:
+    config = small_config(tmp_path)
+    run_dir = run_one_shot(LocalGrid(config, 3), config)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["accepted"] == 3 and metrics["rejected"] == {}
+    assert len(list((run_dir / "clients").glob("*.safetensors"))) == 3
+    assert (run_dir / "aggregate.safetensors").exists() and (run_dir / "grids" / "grid_all.png").exists()
+    assert 0.3 < metrics["eval"]["mean"] <= 1.0
+
+
+def nan_images(reply: Message) -> Message:
+    record = reply.content.array_records["set"]
+    images = record["images"].numpy().copy()
+    images[0, 0, 0, 0] = np.nan
+    reply.content.array_records["set"] = ArrayRecord({**dict(record), "images": Array(images)})
+    return reply
+
+
+def labels_out_of_range(reply: Message) -> Message:
+    record = reply.content.array_records["set"]
+    labels = record["labels"].numpy().copy()
+    labels[0] = 99
+    reply.content.array_records["set"] = ArrayRecord({**dict(record), "labels": Array(labels)})
+    return reply
+
+
+def missing_set(reply: Message) -> Message:
+    del reply.content.array_records["set"]
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [(nan_images, "finite"), (labels_out_of_range, "labels"), (missing_set, "lacks"), (lambda reply: None, None)],
+)
+def test_bad_or_missing_reply_is_left_out_and_the_round_completes(tmp_path: Path, tamper: Any, reason: str) -> None:
+    config = small_config(tmp_path, aggregation="class-weighted")
+    run_dir = run_one_shot(LocalGrid(config, 3, {103: tamper}), config)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["accepted"] == 2
+    if reason is None:
+        assert metrics["missing"] == ["103"]
+    else:
+        assert reason in metrics["rejected"]["103"]
+
+
+def test_too_few_valid_sets_stop_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    config = small_config(tmp_path)
+    grid = LocalGrid(config, 2, {101: nan_images})
+    with pytest.raises(NotEnoughClients, match="min_clients = 2"):
+        run_one_shot(grid, config)
