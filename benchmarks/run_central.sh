@@ -4,7 +4,9 @@ set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 run() { echo "== $*"; $PY -m benchmarks.bench_central "$@" || echo "FAILED: $*"; }
-run --method dm --ipc 10 --iterations 2000 --batch-real 64 --num-nets 2 --id central-fmnist-dm-ipc10-acc
+if [ "${1:-}" != "--skip-first" ]; then
+  run --method dm --ipc 10 --iterations 2000 --batch-real 64 --num-nets 2 --id central-fmnist-dm-ipc10-acc
+fi
 run --method dsa --ipc 10 --iterations 5 --batch-real 64 --num-nets 2 --id central-fmnist-dsa-ipc10-acc
 run --method dm --ipc 50 --iterations 300 --batch-real 64 --num-nets 1 --id central-fmnist-dm-ipc50-acc
 for m in random herding kcenter; do run --method $m --ipc 10 --num-nets 2; done
@@ -12,5 +14,5 @@ for m in random herding kcenter; do run --method $m --ipc 1 --num-nets 3; done
 run --method dm --ipc 1 --iterations 500 --batch-real 64 --num-nets 3
 run --method dc --ipc 1 --iterations 50 --batch-real 64 --num-nets 3
 run --method dsa --ipc 1 --iterations 50 --batch-real 64 --num-nets 3
-run --method dc --ipc 10 --iterations 5 --batch-real 64 --num-nets 2
+run --method dc --ipc 10 --iterations 3 --batch-real 64 --num-nets 2
 for m in random herding kcenter; do run --method $m --ipc 50 --num-nets 1; done

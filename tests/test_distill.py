@@ -152,3 +152,11 @@ def test_compiled_dm_matches_eager(digits_train: ImageData) -> None:
     ]
     assert sets[1].provenance["compiled"] and not sets[0].provenance["compiled"]
     torch.testing.assert_close(sets[1].images, sets[0].images, atol=1e-4, rtol=1e-4)
+
+
+def test_dm_refuses_batchnorm_before_any_work(fmnist_small: ImageData) -> None:
+    images, labels = tensors(fmnist_small)
+    with pytest.raises(ValueError, match="batchnorm"):
+        get_distiller("dm")(ModelSpec(width=8, depth=1, norm="batchnorm"), DistillSettings(ipc=1), CPU)(
+            images, labels, 10
+        )

@@ -26,7 +26,7 @@ from fedistill.distill.base import (
     register,
     source_counts,
 )
-from fedistill.distill.embedding import Embedder, has_batch_statistics, random_network, resolve_compile
+from fedistill.distill.embedding import Embedder, random_network, resolve_compile
 from fedistill.synthetic import SyntheticSet
 
 DM_LR_IMAGES = 1.0
@@ -88,10 +88,10 @@ class DistributionMatching(Distiller):
         augment = SiameseAugment(settings.dsa_strategy) if settings.dsa else None
         syn_offsets = np.concatenate([[0], np.cumsum(budgets)])
         compiled = resolve_compile(settings.compile, settings.iterations, self.device)
+        if self.model_spec.arch == "convnet" and self.model_spec.norm == "batchnorm":
+            raise ValueError("distill.method dm: model.norm must not be batchnorm (DM needs per-image features)")
         for iteration in range(settings.iterations):
             net = random_network(self.model_spec, images.shape[1:], num_classes, generator, self.device)
-            if has_batch_statistics(net):
-                raise ValueError("distill.method dm: model.norm must not be batchnorm (DM needs per-image features)")
             real_parts, syn_parts, real_sizes = [], [], []
             for cls in present:
                 real = images[sample_rows(rows_per_class[cls], settings.batch_real, generator)]

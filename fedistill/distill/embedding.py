@@ -38,15 +38,16 @@ def random_network(
     num_classes: int,
     generator: torch.Generator,
     device: torch.device,
+    trainable: bool = False,
 ) -> nn.Module:
-    """A freshly initialised network whose weights depend only on ``generator``, with frozen parameters."""
+    """A freshly initialised network whose weights depend only on ``generator``; frozen unless ``trainable``."""
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_model(spec, tuple(image_shape), num_classes)  # type: ignore[arg-type]
     net.to(device).train()
     for parameter in net.parameters():
-        parameter.requires_grad_(False)
+        parameter.requires_grad_(trainable)
     return net
 
 

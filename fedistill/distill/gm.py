@@ -27,7 +27,7 @@ from fedistill.distill.base import (
     source_counts,
 )
 from fedistill.distill.dm import initial_images, sample_rows
-from fedistill.models import build_model
+from fedistill.distill.embedding import random_network
 from fedistill.synthetic import SyntheticSet
 
 GM_LR_IMAGES = 0.1
@@ -82,7 +82,7 @@ class _GradientMatching(Distiller):
         optimizer = torch.optim.SGD([syn], lr=settings.lr_images or GM_LR_IMAGES, momentum=GM_MOMENTUM)
         augment = SiameseAugment(settings.dsa_strategy) if self.use_dsa else None
         for iteration in range(settings.iterations):
-            net = self._fresh_network(images.shape[1:], num_classes, generator)
+            net = random_network(self.model_spec, images.shape[1:], num_classes, generator, self.device, trainable=True)
             parameters = list(net.parameters())
             net_optimizer = torch.optim.SGD(parameters, lr=settings.lr_net)
             loss_value = 0.0
@@ -118,13 +118,6 @@ class _GradientMatching(Distiller):
             counts,
             provenance={"init": settings.init, "iterations": settings.iterations, "dsa": self.use_dsa},
         )
-
-    def _fresh_network(self, image_shape: torch.Size, num_classes: int, generator: torch.Generator) -> nn.Module:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = build_model(self.model_spec, tuple(image_shape), num_classes)  # type: ignore[arg-type]
-        return net.to(self.device).train()
 
     def _train_network(
         self,
