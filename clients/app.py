@@ -1,8 +1,10 @@
-"""The Flower ClientApp: one train message in, one synthetic set out.
+"""The Flower ClientApp: one train message in, one synthetic set (or, for the baselines, weights) out.
 
-Thin by design: the node's partition is loaded once per process (``load_partition``),
-distilled with the configured method on the node's device (``distill_partition``), and
-the set goes back as arrays with its metrics. Both helpers run without Flower.
+Thin by design: the experiment arrives in the message (``fedistill.messages``),
+the node's partition is loaded once per process (``load_partition``), distilled
+with the configured method on the node's device (``distill_partition``) or
+trained locally for FedAvg/FedProx (``clients.fit``), and the result goes back
+as arrays with its metrics. The helpers run without Flower.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedistill.config import ExperimentConfig, from_run_config
+from clients.fit import fit_partition
+from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData, client_data, load_dataset, partition_dataset
 from fedistill.device import pick_device
 from fedistill.distill import get_distiller
+from fedistill.distill.embedding import perturbed_copies
+from fedistill.messages import PROXIMAL_MU, ROUND, TASK, read_experiment, record_to_state, state_to_record
+from fedistill.models import build_model
 from fedistill.synthetic import SyntheticSet
 
 app = ClientApp()
@@ -57,13 +63,33 @@ def _partition(config: ExperimentConfig, partition_id: int, num_partitions: int)
 
 
 def distill_partition(
-    config: ExperimentConfig, data: ImageData, device: torch.device, seed: int
+    config: ExperimentConfig,
+    data: ImageData,
+    device: torch.device,
+    seed: int,
+    global_state: dict[str, torch.Tensor] | None = None,
+    start: SyntheticSet | None = None,
 ) -> tuple[SyntheticSet, dict[str, Any]]:
-    """Distill one client's data; returns the set and the metrics its reply carries."""
+    """Distill one client's data; returns the set and the metrics its reply carries.
+
+    With ``global_state`` the matching networks are perturbed copies of the
+    global model (FedDM) instead of random ones; with ``start`` the images
+    continue from the node's previous set.
+    """
     images = data.normalized(device)
     labels = torch.from_numpy(data.labels).to(device)
-    distiller = get_distiller(config.distill.method)(
-        config.model.spec(), config.distill.settings(config.data.name), device
+    networks = None
+    if global_state is not None:
+        model = build_model(config.model.spec(), tuple(images.shape[1:]), data.info.num_classes)
+        model.load_state_dict(global_state)
+        networks = perturbed_copies(model, config.federation.perturbation, device)
+    method = get_distiller(config.distill.method)
+    distiller = method(
+        config.model.spec(),
+        config.distill.settings(config.data.name),
+        device,
+        networks=networks,
+        start=start if method.refines else None,
     )
     started = time.perf_counter()
     syn = distiller(images, labels, data.info.num_classes, seed=seed)
@@ -78,20 +104,45 @@ def distill_partition(
     return syn, metrics
 
 
+PREVIOUS_SET = "previous-set"
+"""Key of the node's last set in ``context.state``; multi-round distillation continues from it."""
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Distill this node's partition and reply with ``set`` (arrays) and ``metrics``."""
-    config = from_run_config(context.run_config)
+    """Run the task the server asked for (see ``fedistill.messages``) on this node's partition."""
+    config, control = read_experiment(msg.content["config"])
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
-    server_round = int(msg.content["config"].get("server-round", 1)) if "config" in msg.content else 1
+    server_round = int(control.get(ROUND, 1))
     data = load_partition(config, partition_id, num_partitions)
     seed = config.seed * 1_000_003 + partition_id * 1009 + server_round
-    syn, metrics = distill_partition(config, data, pick_device(config.device), seed)
-    content = RecordDict(
-        {
-            "set": ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()}),
-            "metrics": MetricRecord({**metrics, "partition-id": partition_id}),
-        }
+    device = pick_device(config.device)
+    if control[TASK] == "fit":
+        global_state = record_to_state(msg.content.array_records["arrays"])
+        state, metrics = fit_partition(
+            config, data, global_state, device, proximal_mu=float(control.get(PROXIMAL_MU, 0.0)), seed=seed
+        )
+        content = RecordDict(
+            {"arrays": state_to_record(state), "metrics": MetricRecord({**metrics, "partition-id": partition_id})}
+        )
+        return Message(content, reply_to=msg)
+    global_record = msg.content.array_records.get("global")
+    previous = context.state.array_records.get(PREVIOUS_SET) if global_record is not None else None
+    syn, metrics = distill_partition(
+        config,
+        data,
+        device,
+        seed,
+        global_state=None if global_record is None else record_to_state(global_record),
+        start=None if previous is None else SyntheticSet.from_arrays(_numpy(previous), data.info.num_classes),
     )
+    arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
+    if global_record is not None:
+        context.state[PREVIOUS_SET] = arrays
+    content = RecordDict({"set": arrays, "metrics": MetricRecord({**metrics, "partition-id": partition_id})})
     return Message(content, reply_to=msg)
+
+
+def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in record.items()}

@@ -131,12 +131,31 @@ AGGREGATIONS = ("union", "class-weighted", "redistill")
 """The server's aggregation rules (``server.aggregation``'s registry; a test keeps the two in step)."""
 
 
-class FederationConfig(_Section):
-    """How the server runs the federation. Only ``one-shot`` (clients distill once) exists so far."""
+PROTOCOLS = ("one-shot", "multi-round", "fedavg", "fedprox")
+"""``one-shot`` and ``multi-round`` federate synthetic sets; ``fedavg`` and ``fedprox`` are the weight-averaging baselines."""
 
-    protocol: Literal["one-shot"] = "one-shot"
+
+class FederationConfig(_Section):
+    """How the server runs the federation.
+
+    ``rounds`` counts server rounds (1 for ``one-shot``). In ``multi-round`` each
+    round's global model becomes the clients' matching network, shaken by
+    Gaussian noise of ``perturbation`` times each weight tensor's std (FedDM).
+    ``local_*`` and ``proximal_mu`` set the baselines' client training;
+    ``fraction_train`` is the share of nodes asked per baseline round.
+    """
+
+    protocol: Literal["one-shot", "multi-round", "fedavg", "fedprox"] = "one-shot"
+    rounds: int = Field(default=1, ge=1)
     aggregation: Literal["union", "class-weighted", "redistill"] = "union"
     server_ipc: int | None = Field(default=None, ge=1, description="images per class after 'redistill'")
+    soft_labels: bool = Field(default=False, description="label the aggregate with the previous global model")
+    perturbation: float = Field(default=0.01, ge=0)
+    local_epochs: int = Field(default=1, ge=1)
+    local_lr: float = Field(default=0.01, gt=0)
+    local_batch: int = Field(default=64, ge=1)
+    proximal_mu: float = Field(default=0.01, ge=0)
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
     min_clients: int = Field(default=2, ge=1, description="replies needed for a round to count")
     round_timeout_s: float = Field(default=3600.0, gt=0)
     max_reply_mb: float = Field(default=256.0, gt=0, description="larger client replies are rejected unread")
@@ -145,6 +164,12 @@ class FederationConfig(_Section):
     def _consistent(self) -> FederationConfig:
         if self.aggregation == "redistill" and self.server_ipc is None:
             raise ValueError("federation.server_ipc is required when federation.aggregation = 'redistill'")
+        if self.protocol == "one-shot" and self.rounds != 1:
+            raise ValueError(f"federation.rounds must be 1 for protocol 'one-shot', got {self.rounds}")
+        if self.protocol == "multi-round" and self.rounds < 2:
+            raise ValueError("federation.rounds must be >= 2 for protocol 'multi-round'")
+        if self.soft_labels and self.protocol != "multi-round":
+            raise ValueError("federation.soft_labels needs protocol 'multi-round' (a global model to label with)")
         return self
 
 

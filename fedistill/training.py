@@ -189,6 +189,7 @@ def evaluate_set(
     num_nets: int,
     progress: Callable[[int, int], None] | None = None,
     sample_weights: torch.Tensor | None = None,
+    on_model: Callable[[int, nn.Module], None] | None = None,
 ) -> EvalResult:
     """Train ``num_nets`` fresh networks on ``syn`` and report their test accuracies.
 
@@ -197,7 +198,8 @@ def evaluate_set(
     each other but a run repeats exactly. Soft labels of the set are used when
     present. ``sample_weights`` (one per image, e.g. from class-weighted
     aggregation) scale each image's loss; they are rescaled to mean 1.
-    ``progress(done, num_nets)`` is called after each network.
+    ``progress(done, num_nets)`` is called after each network, ``on_model(index, model)``
+    with each trained network (the federation keeps network 0 as its global model).
     """
     if len(syn) == 0:
         raise ValueError("evaluate: the synthetic set is empty; there is nothing to train on")
@@ -224,6 +226,8 @@ def evaluate_set(
         train_model(model, on_device.images, on_device.labels, settings, generator, on_device.soft_labels, weights)
         accuracy, _ = evaluate_model(model, test_x, test_y)
         accuracies.append(accuracy)
+        if on_model is not None:
+            on_model(index, model)
         if progress is not None:
             progress(index + 1, num_nets)
     values = np.asarray(accuracies, dtype=np.float64)

@@ -1,12 +1,47 @@
-"""The Flower ServerApp: validates the run config, then runs the federation through the Grid."""
+"""The Flower ServerApp: validates the experiment, then runs its protocol through the Grid.
+
+``app`` is what ``flwr run`` loads; it reads the experiment from the run config.
+``make_server_app(config)`` binds an already validated experiment instead, for
+the in-process simulation (``fedistill run``), whose run config is empty.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
 
-from fedistill.config import from_run_config
-from server.federation import run_one_shot
+from fedistill.config import ExperimentConfig, from_run_config
+from server.baselines import run_baseline
+from server.federation import GridLike, run_distillation
+
+
+def run_protocol(grid: GridLike, config: ExperimentConfig, console: Console | None = None) -> Path:
+    """Run the experiment's federation protocol; returns its run directory."""
+    if config.federation.protocol in ("fedavg", "fedprox"):
+        return run_baseline(grid, config, console)
+    return run_distillation(grid, config, console)
+
+
+def make_server_app(
+    config: ExperimentConfig,
+    console: Console | None = None,
+    on_done: Callable[[Path], None] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to ``config``; ``on_done(run_dir)`` is called when the protocol finishes."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_dir = run_protocol(grid, config, console)
+        if on_done is not None:
+            on_done(run_dir)
+
+    return server_app
+
 
 app = ServerApp()
 
@@ -14,4 +49,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point of ``flwr run``: the run config is the flat form of an experiment file."""
-    run_one_shot(grid, from_run_config(context.run_config))
+    run_protocol(grid, from_run_config(context.run_config))

@@ -76,8 +76,16 @@ def test_run_config_round_trip() -> None:
 
 
 def test_federation_consistency_errors() -> None:
-    with pytest.raises(ConfigError, match="federation.protocol: invalid value 'multi-round'"):
+    with pytest.raises(ConfigError, match="federation.protocol: invalid value 'gossip'; allowed: 'one-shot'"):
+        parse_config({"federation": {"protocol": "gossip"}})
+    with pytest.raises(ConfigError, match="rounds must be >= 2 for protocol 'multi-round'"):
         parse_config({"federation": {"protocol": "multi-round"}})
+    with pytest.raises(ConfigError, match="rounds must be 1 for protocol 'one-shot', got 5"):
+        parse_config({"federation": {"rounds": 5}})
+    with pytest.raises(ConfigError, match="soft_labels needs protocol 'multi-round'"):
+        parse_config({"federation": {"protocol": "fedavg", "soft_labels": True}})
+    with pytest.raises(ConfigError, match="federation.fraction_train: Input should be less than or equal to 1"):
+        parse_config({"federation": {"protocol": "fedavg", "fraction_train": 1.5}})
     with pytest.raises(ConfigError, match="federation.server_ipc is required"):
         parse_config({"federation": {"aggregation": "redistill"}})
     with pytest.raises(ConfigError, match="federation.aggregation: invalid value 'mean'"):

@@ -9,7 +9,8 @@ import torch
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, available_methods, get_distiller
 from fedistill.distill.gm import gradient_distance, loop_lengths
-from fedistill.models import ModelSpec
+from fedistill.distill.embedding import perturbed_copies
+from fedistill.models import ModelSpec, build_model
 from fedistill.training import TrainSettings, evaluate_set
 
 SMALL = ModelSpec(width=16, depth=2)
@@ -160,3 +161,31 @@ def test_dm_refuses_batchnorm_before_any_work(fmnist_small: ImageData) -> None:
         get_distiller("dm")(ModelSpec(width=8, depth=1, norm="batchnorm"), DistillSettings(ipc=1), CPU)(
             images, labels, 10
         )
+
+
+def test_network_source_replaces_random_networks_and_start_set_is_continued(digits_train: ImageData) -> None:
+    data = tensors(digits_train)
+    spec = ModelSpec(arch="convnet", width=16, depth=2)
+    settings = DistillSettings(ipc=2, iterations=3, batch_real=16, dsa=False, compile="off")
+    global_model = build_model(spec, tuple(data[0].shape[1:]), 10)
+    source = perturbed_copies(global_model, 0.05, torch.device("cpu"))
+    drawn: list[torch.nn.Module] = []
+
+    def recording(generator: torch.Generator, trainable: bool) -> torch.nn.Module:
+        drawn.append(source(generator, trainable))
+        return drawn[-1]
+
+    first = get_distiller("dm")(spec, settings, torch.device("cpu"))(*data, 10, seed=0)
+    second = get_distiller("dm")(spec, settings, torch.device("cpu"), networks=recording, start=first)(*data, 10, seed=1)
+    assert len(drawn) == settings.iterations
+    reference = dict(global_model.named_parameters())
+    for name, parameter in drawn[0].named_parameters():
+        assert not parameter.requires_grad
+        if parameter.ndim >= 2:
+            gap = float((parameter - reference[name]).std() / reference[name].std())
+            assert 0.03 < gap < 0.07, name
+    assert torch.equal(second.labels, first.labels)
+    step = (second.images - first.images).abs().mean() / first.images.abs().mean()
+    assert 0 < step < 0.5
+    with pytest.raises(ValueError, match="cannot continue from a set"):
+        get_distiller("herding")(spec, settings, torch.device("cpu"), start=first)

@@ -1,4 +1,4 @@
-"""The ClientApp and the one-shot server round, driven in-process through a Grid test double (no Ray)."""
+"""The ClientApp and the distillation protocols, driven in-process through a Grid test double (no Ray)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 
 from clients.app import train as client_train
-from fedistill.config import ExperimentConfig, parse_config, to_run_config
-from server.federation import NotEnoughClients, run_one_shot, train_messages
+from fedistill.config import ExperimentConfig, parse_config
+from fedistill.synthetic import SyntheticSet
+from server.federation import NotEnoughClients, run_distillation, train_messages
 
 
 @pytest.fixture(autouse=True)
@@ -41,12 +43,26 @@ def small_config(tmp_path: Path, **federation: Any) -> ExperimentConfig:
 
 
 class LocalGrid:
-    """Delivers each message to ``clients.app.train`` with that node's context; ``tamper`` edits replies."""
+    """Delivers each message to ``clients.app.train`` with that node's lasting context; ``tamper`` edits replies.
+
+    Contexts carry an empty run config, as in the in-process simulation: the
+    experiment has to travel in the messages.
+    """
 
     def __init__(self, config: ExperimentConfig, num_nodes: int, tamper: dict[int, Any] | None = None) -> None:
-        self.run_config = to_run_config(config)
         self.nodes = list(range(101, 101 + num_nodes))
         self.tamper = tamper or {}
+        self.sent: list[Message] = []
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": index, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for index, node in enumerate(self.nodes)
+        }
 
     def get_node_ids(self) -> list[int]:
         return self.nodes
@@ -54,15 +70,9 @@ class LocalGrid:
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for message in messages:
+            self.sent.append(message)
             node = message.metadata.dst_node_id
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config={"partition-id": self.nodes.index(node), "num-partitions": len(self.nodes)},
-                state=RecordDict(),
-                run_config=self.run_config,
-            )
-            reply = client_train(message, context)
+            reply = client_train(message, self.contexts[node])
             if node in self.tamper:
                 reply = self.tamper[node](reply)
             if reply is not None:
@@ -73,7 +83,7 @@ class LocalGrid:
 def test_client_reply_carries_a_valid_set_and_metrics(tmp_path: Path) -> None:
     config = small_config(tmp_path)
     grid = LocalGrid(config, 3)
-    (reply,) = grid.send_and_receive(train_messages([102], 1))
+    (reply,) = grid.send_and_receive(train_messages([102], config, 1))
     arrays = {key: array.numpy() for key, array in reply.content.array_records["set"].items()}
     metrics = reply.content.metric_records["metrics"]
     assert arrays["images"].shape[1:] == (1, 8, 8) and arrays["images"].dtype == np.float32
@@ -83,12 +93,35 @@ def test_client_reply_carries_a_valid_set_and_metrics(tmp_path: Path) -> None:
 
 def test_one_shot_round_end_to_end(tmp_path: Path) -> None:
     config = small_config(tmp_path)
-    run_dir = run_one_shot(LocalGrid(config, 3), config)
+    run_dir = run_distillation(LocalGrid(config, 3), config)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["accepted"] == 3 and metrics["rejected"] == {}
+    (record,) = metrics["rounds"]
+    assert metrics["status"] == "completed" and metrics["accepted"] == 3 and record["rejected"] == {}
     assert len(list((run_dir / "clients").glob("*.safetensors"))) == 3
     assert (run_dir / "aggregate.safetensors").exists() and (run_dir / "grids" / "grid_all.png").exists()
-    assert 0.3 < metrics["eval"]["mean"] <= 1.0
+    assert (run_dir / "global_model.safetensors").exists() and (run_dir / "accuracy_vs_bytes.png").exists()
+    assert 0.3 < metrics["eval"]["mean"] <= 1.0 and record["accuracy"] == metrics["eval"]["mean"]
+    sizes = [path.stat().st_size for path in (run_dir / "clients").glob("*.safetensors")]
+    assert record["upload_bytes"] == metrics["upload_bytes"] and 0 < record["upload_bytes"] < sum(sizes)
+    assert record["download_bytes"] == 0 and len(record["client_seconds"]) == 3
+
+
+def test_multi_round_sends_the_global_model_and_clients_continue_their_sets(tmp_path: Path) -> None:
+    config = small_config(tmp_path, protocol="multi-round", rounds=3, soft_labels=True)
+    grid = LocalGrid(config, 3)
+    run_dir = run_distillation(grid, config)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3] and metrics["status"] == "completed"
+    globals_sent = ["global" in m.content.array_records for m in grid.sent]
+    assert globals_sent == [False] * 3 + [True] * 6
+    assert metrics["rounds"][0]["download_bytes"] == 0 and metrics["rounds"][1]["download_bytes"] > 0
+    assert all(0.2 < r["accuracy"] <= 1.0 for r in metrics["rounds"])
+    assert [r["cumulative_upload_bytes"] for r in metrics["rounds"]][-1] == metrics["upload_bytes"]
+    first = SyntheticSet.load(run_dir / "round-001" / "node-101.safetensors")
+    third = SyntheticSet.load(run_dir / "round-003" / "node-101.safetensors")
+    assert torch.equal(first.labels, third.labels) and not torch.equal(first.images, third.images)
+    aggregate = SyntheticSet.load(run_dir / "aggregate.safetensors")
+    assert aggregate.soft_labels is not None and torch.allclose(aggregate.soft_labels.sum(1), torch.ones(len(aggregate)))
 
 
 def nan_images(reply: Message) -> Message:
@@ -118,17 +151,18 @@ def missing_set(reply: Message) -> Message:
 )
 def test_bad_or_missing_reply_is_left_out_and_the_round_completes(tmp_path: Path, tamper: Any, reason: str) -> None:
     config = small_config(tmp_path, aggregation="class-weighted")
-    run_dir = run_one_shot(LocalGrid(config, 3, {103: tamper}), config)
+    run_dir = run_distillation(LocalGrid(config, 3, {103: tamper}), config)
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    (record,) = metrics["rounds"]
     assert metrics["status"] == "completed" and metrics["accepted"] == 2
     if reason is None:
-        assert metrics["missing"] == ["103"]
+        assert record["missing"] == ["103"]
     else:
-        assert reason in metrics["rejected"]["103"]
+        assert reason in record["rejected"]["103"]
 
 
 def test_too_few_valid_sets_stop_the_run_with_a_clear_error(tmp_path: Path) -> None:
     config = small_config(tmp_path)
     grid = LocalGrid(config, 2, {101: nan_images})
     with pytest.raises(NotEnoughClients, match="min_clients = 2"):
-        run_one_shot(grid, config)
+        run_distillation(grid, config)

@@ -10,11 +10,17 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from torch import nn
+
+from fedistill.distill.embedding import random_network
 from fedistill.models import ModelSpec
 from fedistill.synthetic import SyntheticSet
 
 ProgressFn = Callable[[int, int, float], None]
 """Called as ``progress(iteration, total, loss)`` during long distillations."""
+
+NetworkSource = Callable[[torch.Generator, bool], nn.Module]
+"""``source(generator, trainable)`` gives the network to match under next (default: a fresh random one)."""
 
 
 @dataclass
@@ -53,11 +59,54 @@ class Distiller(ABC):
     """
 
     name: ClassVar[str]
+    refines: ClassVar[bool] = True
+    """Whether the method optimises images (and so can continue from a ``start`` set); coresets select instead."""
 
-    def __init__(self, model_spec: ModelSpec, settings: DistillSettings, device: torch.device) -> None:
+    def __init__(
+        self,
+        model_spec: ModelSpec,
+        settings: DistillSettings,
+        device: torch.device,
+        networks: NetworkSource | None = None,
+        start: SyntheticSet | None = None,
+    ) -> None:
+        """``networks`` replaces the random matching networks (FedDM: the perturbed global model);
+        ``start`` continues from an earlier set of the same per-class sizes instead of ``settings.init``."""
+        if start is not None and not self.refines:
+            raise ValueError(f"distill.method {self.name}: selects real images and cannot continue from a set")
         self.model_spec = model_spec
         self.settings = settings
         self.device = device
+        self.networks = networks
+        self.start = start
+
+    def network(
+        self, image_shape: tuple[int, ...] | torch.Size, num_classes: int, generator: torch.Generator, trainable: bool = False
+    ) -> nn.Module:
+        """The next network to match under: from ``networks`` when given, else freshly initialised."""
+        if self.networks is not None:
+            return self.networks(generator, trainable)
+        return random_network(self.model_spec, image_shape, num_classes, generator, self.device, trainable)
+
+    def starting_images(
+        self,
+        images: torch.Tensor,
+        rows_per_class: list[torch.Tensor],
+        budgets: np.ndarray,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The images optimisation starts from: the ``start`` set when given, else ``settings.init``."""
+        if self.start is None:
+            return initial_images(images, rows_per_class, budgets, self.settings.init, generator)
+        if not np.array_equal(self.start.images_per_class(), budgets):
+            raise ValueError(
+                f"start set has {self.start.images_per_class().tolist()} images per class, "
+                f"this data needs {budgets.tolist()}"
+            )
+        if tuple(self.start.images.shape[1:]) != tuple(images.shape[1:]):
+            raise ValueError(f"start set images are {tuple(self.start.images.shape[1:])}, data {tuple(images.shape[1:])}")
+        order = torch.argsort(self.start.labels.cpu(), stable=True)
+        return self.start.images[order].to(images.device, images.dtype).detach().clone()
 
     @abstractmethod
     def distill(
@@ -98,6 +147,36 @@ def per_class_budget(counts: np.ndarray, ipc: int) -> np.ndarray:
 
 def source_counts(labels: torch.Tensor, num_classes: int) -> np.ndarray:
     return np.bincount(labels.cpu().numpy(), minlength=num_classes).astype(np.int64)
+
+
+def initial_images(
+    images: torch.Tensor,
+    rows_per_class: list[torch.Tensor],
+    budgets: np.ndarray,
+    init: str,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Starting synthetic images, class by class: random real images of the class, or Gaussian noise."""
+    if init not in ("real", "noise"):
+        raise ValueError(f"distill.init: unknown value {init!r}; allowed: real, noise")
+    parts = []
+    for rows, budget in zip(rows_per_class, budgets):
+        if budget == 0:
+            continue
+        if init == "real":
+            picked = rows[torch.randperm(len(rows), generator=generator)[:budget].to(rows.device)]
+            parts.append(images[picked].detach().clone())
+        else:
+            noise = torch.randn((int(budget), *images.shape[1:]), generator=generator)
+            parts.append(noise.to(images.device, images.dtype))
+    return torch.cat(parts) if parts else images.new_zeros((0, *images.shape[1:]))
+
+
+def sample_rows(rows: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Up to ``batch`` distinct rows of one class, uniformly at random."""
+    if len(rows) <= batch:
+        return rows
+    return rows[torch.randperm(len(rows), generator=generator)[:batch].to(rows.device)]
 
 
 _REGISTRY: dict[str, type[Distiller]] = {}

@@ -17,7 +17,7 @@ from fedistill.distill.base import (
     register,
     source_counts,
 )
-from fedistill.distill.embedding import Embedder, random_network
+from fedistill.distill.embedding import Embedder
 from fedistill.synthetic import SyntheticSet
 
 
@@ -25,6 +25,7 @@ class _Coreset(Distiller):
     """Shared shape of the coreset methods: choose ``budget`` rows of each class."""
 
     needs_features = True
+    refines = False
 
     def select(self, features: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -39,7 +40,7 @@ class _Coreset(Distiller):
     ) -> SyntheticSet:
         counts = source_counts(labels, num_classes)
         budgets = per_class_budget(counts, self.settings.ipc)
-        net = random_network(self.model_spec, images.shape[1:], num_classes, generator, self.device)
+        net = self.network(images.shape[1:], num_classes, generator)
         embedder = Embedder(net, self.settings.real_precision, compiled=False)
         chosen: list[torch.Tensor] = []
         for cls, rows in enumerate(class_indices(labels, num_classes)):

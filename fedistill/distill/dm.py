@@ -24,43 +24,14 @@ from fedistill.distill.base import (
     class_indices,
     per_class_budget,
     register,
+    sample_rows,
     source_counts,
 )
-from fedistill.distill.embedding import Embedder, random_network, resolve_compile
+from fedistill.distill.embedding import Embedder, resolve_compile
 from fedistill.synthetic import SyntheticSet
 
 DM_LR_IMAGES = 1.0
 DM_MOMENTUM = 0.5
-
-
-def initial_images(
-    images: torch.Tensor,
-    rows_per_class: list[torch.Tensor],
-    budgets: np.ndarray,
-    init: str,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Starting synthetic images, class by class: random real images of the class, or Gaussian noise."""
-    if init not in ("real", "noise"):
-        raise ValueError(f"distill.init: unknown value {init!r}; allowed: real, noise")
-    parts = []
-    for rows, budget in zip(rows_per_class, budgets):
-        if budget == 0:
-            continue
-        if init == "real":
-            picked = rows[torch.randperm(len(rows), generator=generator)[:budget].to(rows.device)]
-            parts.append(images[picked].detach().clone())
-        else:
-            noise = torch.randn((int(budget), *images.shape[1:]), generator=generator)
-            parts.append(noise.to(images.device, images.dtype))
-    return torch.cat(parts) if parts else images.new_zeros((0, *images.shape[1:]))
-
-
-def sample_rows(rows: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """Up to ``batch`` distinct rows of one class, uniformly at random."""
-    if len(rows) <= batch:
-        return rows
-    return rows[torch.randperm(len(rows), generator=generator)[:batch].to(rows.device)]
 
 
 @register("dm")
@@ -80,7 +51,7 @@ class DistributionMatching(Distiller):
         budgets = per_class_budget(counts, settings.ipc)
         rows_per_class = class_indices(labels, num_classes)
         present = [c for c in range(num_classes) if budgets[c] > 0]
-        syn = initial_images(images, rows_per_class, budgets, settings.init, generator).requires_grad_(True)
+        syn = self.starting_images(images, rows_per_class, budgets, generator).requires_grad_(True)
         syn_labels = torch.repeat_interleave(
             torch.arange(num_classes, device=images.device), torch.from_numpy(budgets).to(images.device)
         )
@@ -91,7 +62,7 @@ class DistributionMatching(Distiller):
         if self.model_spec.arch == "convnet" and self.model_spec.norm == "batchnorm":
             raise ValueError("distill.method dm: model.norm must not be batchnorm (DM needs per-image features)")
         for iteration in range(settings.iterations):
-            net = random_network(self.model_spec, images.shape[1:], num_classes, generator, self.device)
+            net = self.network(images.shape[1:], num_classes, generator)
             real_parts, syn_parts, real_sizes = [], [], []
             for cls in present:
                 real = images[sample_rows(rows_per_class[cls], settings.batch_real, generator)]

@@ -14,6 +14,7 @@ BENCHMARKS.md.
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import torch
@@ -49,6 +50,33 @@ def random_network(
     for parameter in net.parameters():
         parameter.requires_grad_(trainable)
     return net
+
+
+def perturbed_copies(model: nn.Module, perturbation: float, device: torch.device):  # type: ignore[no-untyped-def]
+    """A network source (see ``distill.base.NetworkSource``) of noisy copies of ``model`` (FedDM).
+
+    Each copy adds Gaussian noise of ``perturbation`` times each weight
+    tensor's own std, drawn from the caller's generator, so matching sees the
+    global model's neighbourhood rather than one point, and runs repeat.
+    """
+    template = copy.deepcopy(model).to(device)
+    scales = {name: perturbation * float(tensor.float().std()) if tensor.numel() > 1 else 0.0
+              for name, tensor in template.state_dict().items() if tensor.is_floating_point()}
+
+    def source(generator: torch.Generator, trainable: bool) -> nn.Module:
+        net = copy.deepcopy(template)
+        with torch.no_grad():
+            for name, tensor in net.state_dict().items():
+                scale = scales.get(name, 0.0)
+                if scale > 0:
+                    noise = torch.randn(tensor.shape, generator=generator)
+                    tensor.add_(noise.to(tensor.device, tensor.dtype), alpha=scale)
+        net.train()
+        for parameter in net.parameters():
+            parameter.requires_grad_(trainable)
+        return net
+
+    return source
 
 
 def has_batch_statistics(net: nn.Module) -> bool:

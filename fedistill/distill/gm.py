@@ -24,10 +24,9 @@ from fedistill.distill.base import (
     class_indices,
     per_class_budget,
     register,
+    sample_rows,
     source_counts,
 )
-from fedistill.distill.dm import initial_images, sample_rows
-from fedistill.distill.embedding import random_network
 from fedistill.synthetic import SyntheticSet
 
 GM_LR_IMAGES = 0.1
@@ -74,7 +73,7 @@ class _GradientMatching(Distiller):
         default_outer, default_inner = loop_lengths(settings.ipc)
         outer_loop = settings.outer_loop or default_outer
         inner_loop = default_inner if settings.inner_loop is None else settings.inner_loop
-        syn = initial_images(images, rows_per_class, budgets, settings.init, generator).requires_grad_(True)
+        syn = self.starting_images(images, rows_per_class, budgets, generator).requires_grad_(True)
         syn_labels = torch.repeat_interleave(
             torch.arange(num_classes, device=images.device), torch.from_numpy(budgets).to(images.device)
         )
@@ -82,7 +81,7 @@ class _GradientMatching(Distiller):
         optimizer = torch.optim.SGD([syn], lr=settings.lr_images or GM_LR_IMAGES, momentum=GM_MOMENTUM)
         augment = SiameseAugment(settings.dsa_strategy) if self.use_dsa else None
         for iteration in range(settings.iterations):
-            net = random_network(self.model_spec, images.shape[1:], num_classes, generator, self.device, trainable=True)
+            net = self.network(images.shape[1:], num_classes, generator, trainable=True)
             parameters = list(net.parameters())
             net_optimizer = torch.optim.SGD(parameters, lr=settings.lr_net)
             loss_value = 0.0
