@@ -121,6 +121,46 @@ def distill(
         run_central(cfg, console)
 
 
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML file (see configs/).")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set partition.alpha=0.1 (repeatable)."),
+    ] = None,
+    against: Annotated[
+        list[str] | None,
+        typer.Option(help="Also run this baseline (fedavg, fedprox) on the same partitions at the same upload."),
+    ] = None,
+) -> None:
+    """Run a federated experiment in Flower's simulation engine and write its run directory.
+
+    The protocol (one-shot, multi-round, fedavg, fedprox) comes from
+    federation.protocol; partition.num_clients simulated nodes take part.
+    With --against, each named baseline runs next, for as many rounds as fit
+    in the first run's upload bytes, and a comparison table is printed and
+    saved as comparison.json in the first run's directory.
+    """
+    with _user_errors():
+        from fedistill.config import ConfigError, load_config
+        from fedistill.runs import write_json
+        from fedistill.simulation import simulate_run
+        from server.compare import BASELINES, baseline_config, comparison_rows, comparison_table, read_metrics
+
+        cfg = load_config(config, parse_sets(set_ or []))
+        unknown = [name for name in against or [] if name not in BASELINES]
+        if unknown:
+            raise ConfigError(f"--against: unknown baseline {unknown[0]!r}; allowed: {', '.join(BASELINES)}")
+        run_dirs = [simulate_run(cfg, console)]
+        upload = read_metrics(run_dirs[0])["upload_bytes"]
+        for name in against or []:
+            run_dirs.append(simulate_run(baseline_config(cfg, name, upload), console))
+        if len(run_dirs) > 1:
+            rows = comparison_rows(run_dirs)
+            console.print(comparison_table(rows))
+            write_json(run_dirs[0] / "comparison.json", rows)
+
+
 @data_app.command("fetch")
 def data_fetch(
     name: Annotated[str, typer.Argument(help="Dataset: fashion-mnist, mnist or cifar10.")],

@@ -1,0 +1,90 @@
+"""Like-for-like comparison of a distillation run with a weight-averaging baseline.
+
+A baseline runs on the same partitions, model and test split as the run it is
+compared with, for as many rounds as fit in the same upload budget: a FedAvg
+round uploads one model per sampled client, a distillation run uploads the
+clients' sets. At least one round always runs, so when a single FedAvg round
+already costs more than the whole distillation run, the table says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from fedistill.config import ExperimentConfig, parse_config
+from fedistill.data import dataset_info
+from fedistill.models import build_model
+
+BASELINES = ("fedavg", "fedprox")
+
+
+def model_bytes(config: ExperimentConfig) -> int:
+    """Bytes of one model's weights as sent in a message (float32 state dict)."""
+    info = dataset_info(config.data.name, config.data.path)
+    model = build_model(config.model.spec(), (info.channels, info.height, info.width), info.num_classes)
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
+def clients_per_round(config: ExperimentConfig) -> int:
+    """Nodes a baseline round samples: Flower's ``int(nodes * fraction_train)``, at least ``min_clients``."""
+    nodes = config.partition.num_clients
+    return min(nodes, max(int(nodes * config.federation.fraction_train), config.federation.min_clients))
+
+
+def equal_upload_rounds(upload_bytes: int, config: ExperimentConfig) -> int:
+    """Baseline rounds whose total upload does not exceed ``upload_bytes`` (at least one)."""
+    per_round = model_bytes(config) * clients_per_round(config)
+    return max(1, math.floor(upload_bytes / per_round))
+
+
+def baseline_config(config: ExperimentConfig, protocol: str, upload_bytes: int) -> ExperimentConfig:
+    """``config`` turned into the ``protocol`` baseline at the distillation run's upload budget."""
+    if protocol not in BASELINES:
+        raise ValueError(f"--against: unknown baseline {protocol!r}; allowed: {', '.join(BASELINES)}")
+    values = config.model_dump(mode="json")
+    values["federation"].update(protocol=protocol, rounds=1, soft_labels=False)
+    rounds = equal_upload_rounds(upload_bytes, parse_config(values))
+    values["federation"]["rounds"] = rounds
+    return parse_config(values)
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def comparison_rows(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """One row per run: protocol, rounds, total upload and final global accuracy."""
+    rows = []
+    for run_dir in run_dirs:
+        metrics = read_metrics(run_dir)
+        rows.append(
+            {
+                "protocol": metrics["protocol"],
+                "rounds": len(metrics["rounds"]),
+                "upload_bytes": metrics["upload_bytes"],
+                "accuracy": metrics["rounds"][-1]["accuracy"],
+                "seconds": sum(record["seconds"] for record in metrics["rounds"]),
+                "run_dir": str(run_dir),
+            }
+        )
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="global test accuracy at comparable upload")
+    for column in ("protocol", "rounds", "upload (MiB)", "accuracy (%)", "seconds"):
+        table.add_column(column, justify="left" if column == "protocol" else "right")
+    for row in rows:
+        table.add_row(
+            row["protocol"],
+            str(row["rounds"]),
+            f"{row['upload_bytes'] / 2**20:.2f}",
+            f"{100 * row['accuracy']:.2f}",
+            f"{row['seconds']:.0f}",
+        )
+    return table
