@@ -32,7 +32,7 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(PY) -m fedistill distill configs/demo.toml
+	$(PY) -m fedistill run configs/demo.toml --against fedavg
 
 test: $(STAMP) data
 	$(PY) -m pytest -q
