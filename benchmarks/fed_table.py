@@ -1,0 +1,47 @@
+"""Print the federated tables of BENCHMARKS.md from benchmarks/results/fed/*.json (rows of bench_fed.py)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.common import RESULTS
+
+ORDER = {"one-shot": 0, "multi-round": 1, "fedavg": 2, "fedprox": 3}
+
+
+def budget(row: dict) -> str:
+    if row["protocol"] in ("one-shot", "multi-round"):
+        augment = " +DSA" if row["eval_dsa"] else ""
+        return (f"DM IPC {row['ipc']}, {row['iterations']} it/round; server {row['eval_epochs']} epochs/round{augment}")
+    return f"{row['local_epochs']} local epoch/round"
+
+
+def main() -> None:
+    rows = [json.loads(path.read_text()) for path in sorted((RESULTS / "fed").glob("*.json"))]
+    scaling = sorted((row for row in rows if "--tag scaling" in row["command"]), key=lambda row: row["clients"])
+    accuracy_rows = sorted(
+        (row for row in rows if "--tag scaling" not in row["command"]),
+        key=lambda row: (-row["alpha"], ORDER[row["protocol"]]),
+    )
+    print("| Dirichlet α | protocol | rounds | final accuracy (%) | upload (MB) | wall time (s) | budget |")
+    print("|---|---|---|---|---|---|---|")
+    for row in accuracy_rows:
+        print(
+            f"| {row['alpha']:g} | {row['protocol']} | {row['rounds']} | {100 * row['accuracy']:.2f} "
+            f"| {row['upload_bytes'] / 1e6:.2f} | {row['wall_seconds']:.0f} | {budget(row)} |"
+        )
+    if scaling:
+        print()
+        print("| clients | round wall time (s) | mean client distill time (s) | peak memory, all processes (GiB) "
+              "| upload (MB) | accuracy (%) |")
+        print("|---|---|---|---|---|---|")
+        for row in scaling:
+            print(
+                f"| {row['clients']} | {row['round_seconds'][0]:.0f} | {row['client_seconds_mean'][0]:.1f} "
+                f"| {row['peak_tree_rss_bytes'] / 2**30:.2f} | {row['upload_bytes'] / 1e6:.2f} "
+                f"| {100 * row['accuracy']:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
