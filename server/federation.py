@@ -266,7 +266,12 @@ def read_reply(reply: Message, limits: ReplyLimits, num_partitions: int) -> Clie
     content = reply.content
     if "set" not in content.array_records or "metrics" not in content.metric_records:
         raise InvalidReply("reply lacks the 'set' arrays or the 'metrics' record")
-    total = sum(record.count_bytes() for record in content.values())
+    total = 0
+    for name, value in content.items():
+        try:
+            total += value.count_bytes()
+        except Exception:  # Flower's size count itself fails on some malformed records (e.g. an empty list)
+            raise InvalidReply(f"{name}: malformed record") from None
     if total > limits.max_bytes + CONTENT_OVERHEAD_BYTES:
         raise InvalidReply(f"reply: {total} bytes exceeds the limit of {limits.max_bytes + CONTENT_OVERHEAD_BYTES}")
     record = content.array_records["set"]
@@ -406,15 +411,23 @@ def identify(
 
 @dataclass
 class KeptState:
-    """What the server keeps for one partition so that a node holding it can continue after a restart."""
+    """What the server keeps for one partition so that a node holding it can continue after a restart.
+
+    ``arrays`` is the partition's last accepted set; ``continuable`` says
+    whether the node keeps that set to continue from (it does for sets made
+    under a global model, i.e. from the second multi-round round on), which
+    is when the set is given back. ``records`` are the ``state.*`` records of
+    its last accepted reply.
+    """
 
     arrays: dict[str, np.ndarray] | None = None
+    continuable: bool = False
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def restore_records(self) -> dict[str, Any]:
         """The ``restore.*`` records (names without the prefix) of a train message."""
         out: dict[str, Any] = {}
-        if self.arrays is not None:
+        if self.arrays is not None and self.continuable:
             out[PREVIOUS_SET] = ArrayRecord({key: Array(np.ascontiguousarray(v)) for key, v in self.arrays.items()})
         for key, record in self.records.items():
             kind = ConfigRecord if record["kind"] == "config" else MetricRecord
@@ -448,6 +461,7 @@ class ServerState:
             "history": self.history.to_dict(),
             "evaluation": self.evaluation,
             "kept_records": {str(p): kept.records for p, kept in self.kept.items() if kept.records},
+            "kept_continuable": sorted(p for p, kept in self.kept.items() if kept.continuable),
         }
         return checkpoint
 
@@ -468,7 +482,7 @@ class ServerState:
         partitions = {int(key.split("/")[1]) for key in checkpoint.tensors if key.startswith("kept/")}
         for partition in partitions:
             arrays = {k: v.numpy() for k, v in checkpoint.section(f"kept/{partition}").items()}
-            state.kept[partition] = KeptState(arrays)
+            state.kept[partition] = KeptState(arrays, partition in document.get("kept_continuable", []))
         for partition, records in document.get("kept_records", {}).items():
             state.kept.setdefault(int(partition), KeptState()).records = records
         return state
@@ -541,7 +555,7 @@ class DistillationRun:
         """
         unknown = [node for node in nodes if node not in self.seen]
         self.seen.update(nodes)
-        if not self.state.kept or self.state.global_model is None:
+        if not any(kept.continuable or kept.records for kept in self.state.kept.values()):
             return {}
         if unknown:
             self.console.print(f"asking {len(unknown)} new nodes which partition they hold")
@@ -559,8 +573,9 @@ class DistillationRun:
         restore = {}
         for node in targets:
             kept = self.state.kept.get(self.node_partition[node])
-            if kept is not None:
-                restore[node] = kept.restore_records()
+            records = {} if kept is None else kept.restore_records()
+            if records:
+                restore[node] = records
         return restore
 
     def run_round(self, server_round: int) -> RoundRecord:
@@ -596,7 +611,8 @@ class DistillationRun:
         for node, partition in outcome.partitions.items():
             self.node_partition[int(node)] = partition
             metrics = outcome.client_metrics[node]
-            if metrics.get("continued") == 0 and partition in state.kept and state.global_model is not None:
+            kept = state.kept.get(partition)
+            if metrics.get("continued") == 0 and kept is not None and kept.continuable:
                 log.warning("node %s (partition %d) started afresh; it gets its kept state next round", node, partition)
                 self.needs_restore.add(int(node))
             else:
@@ -634,6 +650,7 @@ class DistillationRun:
             partition = int(client.client_id.removeprefix("partition-"))
             kept = state.kept.setdefault(partition, KeptState())
             kept.arrays = client.set.to_arrays()
+            kept.continuable = global_record is not None
             kept.records.update(outcome.state.get(partition, {}))
         state.aggregate = aggregate_set
         seconds = time.perf_counter() - started

@@ -109,7 +109,7 @@ def array_to_numpy(array: Any, key: str, max_bytes: int) -> np.ndarray:
             raise InvalidReply(f"{key}: .npy format version {version} is not accepted")
     except InvalidReply:
         raise
-    except (ValueError, TypeError, SyntaxError, EOFError, OverflowError, MemoryError, RecursionError) as error:
+    except Exception as error:  # numpy's header parser on hostile bytes raises ValueError, SyntaxError, TokenError...
         raise InvalidReply(f"{key}: not a readable .npy array ({type(error).__name__})") from None
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in ARRAY_KINDS:
         raise InvalidReply(f"{key}: dtype {dtype.str} is not a plain number type")
@@ -135,7 +135,8 @@ def check_client_metrics(metrics: Mapping[str, Any], num_partitions: int) -> dic
     ``partition-id`` is required: it keys the node's sets and kept state
     (node ids change when a node restarts or a run resumes). ``seconds``
     must be a finite non-negative number, ``num-examples`` a non-negative
-    integer and ``continued`` 0 or 1 where present. Other keys pass through
+    integer, ``source-counts`` a list of integers and ``continued`` 0 or 1
+    where present. Other keys pass through
     untouched (Flower has already restricted them to numbers and lists of
     numbers).
     """
@@ -152,6 +153,11 @@ def check_client_metrics(metrics: Mapping[str, Any], num_partitions: int) -> dic
             checked[key] = float(value)
     if "num-examples" in checked and (not _is_integer(checked["num-examples"]) or checked["num-examples"] < 0):
         raise InvalidReply(f"num-examples: must be an integer >= 0, got {checked['num-examples']!r}")
+    if "source-counts" in checked:
+        counts = checked["source-counts"]
+        if not isinstance(counts, list) or not all(_is_integer(count) for count in counts):
+            raise InvalidReply(f"source-counts: must be a list of integers, got {counts!r}")
+        checked["source-counts"] = [int(count) for count in counts]
     if "continued" in checked and checked["continued"] not in (0, 1):
         raise InvalidReply(f"continued: must be 0 or 1, got {checked['continued']!r}")
     return checked
