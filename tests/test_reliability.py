@@ -358,3 +358,67 @@ def test_rng_states_survive_a_checkpoint(tmp_path: Path) -> None:
     restore_rng(load_checkpoint(tmp_path))
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
     assert [random.random() for _ in range(3)] == expected[2]
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+def write_experiment(path: Path, config: ExperimentConfig) -> Path:
+    from fedistill.runs import to_toml
+
+    path.write_text(to_toml(config.model_dump(mode="json", exclude_none=True)))
+    return path
+
+
+def test_cli_resume_refuses_what_would_change_the_run_and_configs_that_cannot_fit(tmp_path: Path) -> None:
+    from test_cli import assert_one_error_line, runner
+
+    from fedistill.cli import app
+
+    experiment = write_experiment(tmp_path / "exp.toml", small_config(tmp_path / "runs"))
+    run_dir = tmp_path / "runs" / "fed-x"
+    run_dir.mkdir(parents=True)
+    write_experiment(run_dir / "config.toml", small_config(tmp_path / "runs"))
+    cases = [
+        (["run", "--resume", str(run_dir), "--set", "distill.ipc=3"], ("--set distill.ipc: cannot change when resuming",
+                                                                       "federation.round_timeout_s")),
+        (["run", str(experiment), "--resume", str(run_dir)], ("either an experiment file",)),
+        (["run", "--resume", str(tmp_path)], ("not a run directory",)),
+        (["run", str(experiment), "--set", "data.name=cifar10", "--set", "distill.ipc=5000"],
+         ("distill.ipc: one client's set would be 588.2 MiB", "max_reply_mb = 256")),
+    ]
+    for args, needles in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert_one_error_line(result.stderr, *needles)
+
+
+def test_ctrl_c_during_fedistill_run_leaves_a_resumable_directory(tmp_path: Path) -> None:
+    """SIGINT to a real ``fedistill run`` (Flower simulation, Ray): exit 130, status interrupted, then resumable."""
+    from fedistill.simulation import OFFLINE_ENV
+
+    config = small_config(tmp_path / "runs", protocol="multi-round", rounds=3)
+    experiment = write_experiment(tmp_path / "exp.toml", config)
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedistill", "run", str(experiment)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "runs").glob("fed-*/checkpoint.safetensors")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (run_dir,) = (tmp_path / "runs").glob("fed-*")
+    assert proc.returncode == 130, out + err
+    assert f"fedistill run --resume {run_dir}" in err
+    saved = metrics(run_dir)
+    checkpoint = load_checkpoint(run_dir)
+    assert saved["status"] in ("interrupted", "completed") and checkpoint.round == saved["completed_rounds"] >= 1
+    run_distillation(LocalGrid(config, 3, first_node=701), config, control=RunControl(resume=run_dir))
+    assert metrics(run_dir)["status"] == "completed" and [r["round"] for r in metrics(run_dir)["rounds"]] == [1, 2, 3]
