@@ -179,6 +179,29 @@ def test_resume_refuses_a_changed_experiment_but_accepts_operational_keys(tmp_pa
     assert metrics(run_dir)["status"] == "completed"
 
 
+def test_flwr_run_resumes_through_the_resume_app_key(tmp_path: Path) -> None:
+    """``flwr run ... --run-config "resume='RUN_DIR'"``: the ServerApp reads the experiment from the run directory."""
+    from flwr.app import Context
+
+    from fedistill.config import to_run_config
+    from server.app import APP_KEYS, main
+
+    config = small_config(tmp_path, protocol="multi-round", rounds=2)
+
+    def context(**app_keys: str) -> Context:
+        return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                       run_config={**to_run_config(config), **APP_KEYS, **app_keys})
+
+    grid = LocalGrid(config, 3)
+    crash_at_round(grid, 2)
+    with pytest.raises(Killed):
+        main(grid, context())
+    (run_dir,) = tmp_path.glob("fed-*")
+    main(LocalGrid(config, 3, first_node=801), context(resume=str(run_dir)))
+    assert [r["round"] for r in metrics(run_dir)["rounds"]] == [1, 2] and metrics(run_dir)["status"] == "completed"
+    assert list(tmp_path.glob("fed-*")) == [run_dir]
+
+
 def test_fedavg_resume_after_a_kill_ends_exactly_like_the_uninterrupted_run(tmp_path: Path) -> None:
     baseline = {"protocol": "fedavg", "rounds": 2, "local_epochs": 1, "local_lr": 0.05, "local_batch": 32}
     straight = run_baseline(LocalGrid(config := small_config(tmp_path / "a", **baseline), 3), config)
