@@ -433,7 +433,6 @@ def fuzz_collector(count: int, seed: int) -> dict[str, Any]:
 
 def fuzz_protocol(work: Path, seed: int) -> dict[str, Any]:
     """A whole in-process run (10 clients, 5 rounds) where three nodes fuzz every reply; checks every accepted set."""
-    import torch  # noqa: F401  (imported before Flower's message machinery)
     from fedgrid import LocalGrid
     import server.federation as federation
 

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from fedgrid import fake_task_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.app import Metadata
 from flwr.common.constant import ErrorCode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -299,7 +298,7 @@ def hostile_replies(draw: st.DrawFn) -> Message:
     return reply_with(content)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(reply=hostile_replies())
 def test_random_hostile_replies_never_crash_the_collector_nor_get_an_invalid_set_accepted(reply: Message) -> None:
     collector = collect_one(reply)
@@ -337,7 +336,7 @@ def hostile_configs(draw: st.DrawFn) -> dict[str, Any]:
     return values
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(values=hostile_configs(), available=st.sampled_from([2**30, 64 * 2**30, 2**40]))
 def test_random_configs_are_validated_or_refused_with_one_line_naming_the_key(values: dict[str, Any], available: int) -> None:
     try:

@@ -164,27 +164,16 @@ def test_kept_client_state_is_given_back_to_a_restarted_node(tmp_path: Path, mon
         assert dict(context.state["ledger"]) == {"epsilon": 0.5 + index, "releases": [1, 2]}
 
 
-def test_resume_refuses_a_changed_experiment_but_accepts_operational_keys(tmp_path: Path) -> None:
-    config = small_config(tmp_path, protocol="multi-round", rounds=2)
-    grid = LocalGrid(config, 3)
-    crash_at_round(grid, 2)
-    with pytest.raises(Killed):
-        run_distillation(grid, config)
-    (run_dir,) = tmp_path.glob("fed-*")
-    changed = small_config(tmp_path, protocol="multi-round", rounds=2, perturbation=0.5)
-    with pytest.raises(CheckpointError, match="federation.perturbation was 0.01 when the run started but is 0.5"):
-        run_distillation(LocalGrid(changed, 3), changed, control=RunControl(resume=run_dir))
-    operational = small_config(tmp_path, protocol="multi-round", rounds=2, round_timeout_s=5.0, min_clients=3)
-    run_distillation(LocalGrid(operational, 3), operational, control=RunControl(resume=run_dir))
-    assert metrics(run_dir)["status"] == "completed"
+def test_flwr_run_resumes_through_the_resume_app_key_and_only_the_same_experiment(tmp_path: Path) -> None:
+    """``flwr run ... --run-config "resume='RUN_DIR'"``: the ServerApp reads the experiment from the run directory.
 
-
-def test_flwr_run_resumes_through_the_resume_app_key(tmp_path: Path) -> None:
-    """``flwr run ... --run-config "resume='RUN_DIR'"``: the ServerApp reads the experiment from the run directory."""
+    A checkpoint refuses a different experiment, naming the key; operational keys may differ.
+    """
     from flwr.app import Context
 
     from fedistill.config import to_run_config
     from server.app import APP_KEYS, main
+    from server.federation import check_resumable
 
     config = small_config(tmp_path, protocol="multi-round", rounds=2)
 
@@ -197,6 +186,11 @@ def test_flwr_run_resumes_through_the_resume_app_key(tmp_path: Path) -> None:
     with pytest.raises(Killed):
         main(grid, context())
     (run_dir,) = tmp_path.glob("fed-*")
+    changed = small_config(tmp_path, protocol="multi-round", rounds=2, perturbation=0.5)
+    with pytest.raises(CheckpointError, match="federation.perturbation was 0.01 when the run started but is 0.5"):
+        run_distillation(LocalGrid(changed, 3), changed, control=RunControl(resume=run_dir))
+    operational = small_config(tmp_path, protocol="multi-round", rounds=2, round_timeout_s=5.0, min_clients=3)
+    check_resumable(load_checkpoint(run_dir), operational, run_dir)
     main(LocalGrid(config, 3, first_node=801), context(resume=str(run_dir)))
     assert [r["round"] for r in metrics(run_dir)["rounds"]] == [1, 2] and metrics(run_dir)["status"] == "completed"
     assert list(tmp_path.glob("fed-*")) == [run_dir]
