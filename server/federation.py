@@ -537,10 +537,10 @@ class DistillationRun:
         self.num_partitions = config.partition.num_clients
         self.node_partition: dict[int, int] = {}
         """Node id -> partition, learnt from accepted replies and identify queries; node ids are per process."""
-        self.needs_restore: set[int] = set()
-        """Known nodes that reported starting afresh although the server keeps state for their partition."""
         self.seen: set[int] = set()
         """Nodes asked before: only never-seen nodes are identified (a seen node that failed is not asked again)."""
+        self.went_missing: set[int] = set()
+        """Nodes that did not answer the last round they were asked: they may come back restarted, state lost."""
         self.nodes_seen = 0
 
     def round_dir(self, server_round: int) -> Path:
@@ -549,9 +549,12 @@ class DistillationRun:
     def restore_for(self, nodes: list[int]) -> dict[int, dict[str, Any]]:
         """``restore.*`` records for the nodes that start without their state; identifies never-seen nodes first.
 
-        A node seen before whose partition is still unknown (it never sent a
-        valid reply) is not identified again; if it turns out to have started
-        afresh (``continued`` = 0 in its reply) it gets its state next round.
+        A node of known partition that went missing in the last round it was
+        asked gets its state again too: it may have been restarted under the
+        same node id (SuperNode authentication ties the id to the key); one
+        that kept its state keeps it (``restore_into`` never overwrites). A
+        restart between two rounds under the same id goes unnoticed until the
+        node reports ``continued`` = 0, which is logged.
         """
         unknown = [node for node in nodes if node not in self.seen]
         self.seen.update(nodes)
@@ -569,7 +572,8 @@ class DistillationRun:
                     log.warning("nodes %s all claim partition %d; none gets its state back", claimants, partition)
                     for node in claimants:
                         del self.node_partition[node]
-        targets = [node for node in nodes if node in self.node_partition and (node in unknown or node in self.needs_restore)]
+        returning = [node for node in nodes if node in self.went_missing and node not in unknown]
+        targets = [node for node in unknown + returning if node in self.node_partition]
         restore = {}
         for node in targets:
             kept = self.state.kept.get(self.node_partition[node])
@@ -601,6 +605,7 @@ class DistillationRun:
         collector = ReplyCollector(asked, self.limits, self.num_partitions)
         silent = exchange(self.grid, messages, self.policy, collector.add, needed, self.stop)
         outcome = collector.close(silent)
+        self.went_missing = (self.went_missing - set(nodes)) | {int(node) for node in outcome.missing}
         if len(outcome.accepted) < needed:
             raise NotEnoughClients(
                 f"round {server_round}: {len(outcome.accepted)} valid sets from {len(nodes)} nodes asked, need {needed} "
@@ -613,10 +618,7 @@ class DistillationRun:
             metrics = outcome.client_metrics[node]
             kept = state.kept.get(partition)
             if metrics.get("continued") == 0 and kept is not None and kept.continuable:
-                log.warning("node %s (partition %d) started afresh; it gets its kept state next round", node, partition)
-                self.needs_restore.add(int(node))
-            else:
-                self.needs_restore.discard(int(node))
+                log.warning("node %s (partition %d) lost its previous set and started afresh", node, partition)
         round_dir = self.round_dir(server_round)
         round_dir.mkdir(exist_ok=True)
         for client in outcome.accepted:

@@ -233,32 +233,46 @@ def test_hung_and_unavailable_nodes_are_missing_and_the_round_completes_after_th
     assert elapsed < 30.0  # the hung node cost the 1 s straggler timeout, not the 60 s round timeout
 
 
-def test_each_round_asks_the_nodes_connected_then_and_a_returning_node_gets_its_set_back(tmp_path: Path) -> None:
-    """After round 2 node 103 goes; node 903 (a restart: new id, same partition) comes and continues its set."""
-    config = small_config(tmp_path, protocol="multi-round", rounds=3)
+def test_each_round_asks_the_nodes_connected_then_and_restarted_nodes_get_their_sets_back(tmp_path: Path) -> None:
+    """Round 3: node 103 is gone, 903 (a restart under a new id, same partition) is there, 102 hangs.
+    Round 4: 102 is back, restarted under the same id with its state lost. Both continue their sets."""
+    config = small_config(tmp_path, protocol="multi-round", rounds=4, straggler_timeout_s=0.0)
     grid = LocalGrid(config, 3)
     replacement = LocalGrid(config, 3, first_node=901)
-    continued: list[int] = []
+    continued: dict[int, list[int]] = {102: [], 903: []}
 
-    def spy(reply: Message) -> Message:
-        continued.append(int(reply.content.metric_records["metrics"]["continued"]))
-        return reply
+    def spy(node: int) -> Any:
+        def record(reply: Message) -> Message:
+            continued[node].append(int(reply.content.metric_records["metrics"]["continued"]))
+            return reply
+
+        return record
 
     def before_push(messages: list[Message]) -> None:
-        if messages[0].content.config_records["config"].get("server-round") == 2 and 103 in grid.nodes:
-            grid.nodes[grid.nodes.index(103)] = 903  # takes effect when round 3 lists the nodes
+        server_round = messages[0].content.config_records["config"].get("server-round")
+        if server_round == 2 and 103 in grid.nodes:  # listed from round 3 on
+            grid.nodes[grid.nodes.index(103)] = 903
             grid.contexts[903] = replacement.contexts[903]
-            grid.tamper[903] = spy
+            grid.tamper[903] = spy(903)
+        if server_round == 3:
+            grid.hang.add(102)
+        if server_round == 4 and 102 in grid.hang:
+            grid.hang.discard(102)
+            grid.contexts[102].state = RecordDict()  # the process restarted: Flower's node state is gone
+            grid.tamper[102] = spy(102)
 
     grid.before_push = before_push
     run_dir = run_distillation(grid, config)
     rounds = metrics(run_dir)["rounds"]
-    assert [r["partitions"] for r in rounds] == [[0, 1, 2]] * 3 and [r["asked"] for r in rounds] == [3, 3, 3]
-    third = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == 3]
-    assert sorted(m.metadata.dst_node_id for m in third) == [101, 102, 903]
-    restored = {m.metadata.dst_node_id for m in third if RESTORE_PREFIX + "previous-set" in m.content}
-    assert restored == {903}
-    assert continued == [1]  # from the set partition 2 sent in round 2, not afresh
+    assert [r["partitions"] for r in rounds] == [[0, 1, 2], [0, 1, 2], [0, 2], [0, 1, 2]]
+    assert rounds[2]["missing"] == ["102"] and [r["asked"] for r in rounds] == [3, 3, 3, 3]
+
+    def restored(server_round: int) -> set[int]:
+        sent = [m for m in grid.sent if m.content.config_records["config"]["server-round"] == server_round]
+        return {m.metadata.dst_node_id for m in sent if RESTORE_PREFIX + "previous-set" in m.content}
+
+    assert restored(3) == {903} and restored(4) == {102}
+    assert continued == {903: [1, 1], 102: [1]}  # from the sets of their partitions, not afresh
 
 
 def test_too_few_nodes_stop_the_run_quickly_with_a_resumable_directory(tmp_path: Path) -> None:
