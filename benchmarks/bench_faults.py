@@ -299,7 +299,7 @@ def mutate_safely(rng: np.random.Generator, arrays: dict[str, Any], metrics: dic
     """``mutate``, skipping a corruption that cannot apply to what earlier ones left (e.g. NaN into an int array)."""
     try:
         return mutate(rng, arrays, metrics, extra)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, IndexError, KeyError):
         return "none"
 
 

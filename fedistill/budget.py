@@ -45,7 +45,12 @@ class MemoryEstimate:
 
 
 def network_footprint(config: ExperimentConfig, info: DatasetInfo) -> tuple[int, int]:
-    """(parameter count, activation floats per image) of the configured network, measured on the meta device."""
+    """(parameter count, activation floats per image) of the configured network, measured on the meta device.
+
+    A network that cannot run on the dataset's images at all (e.g. so deep
+    that the feature maps shrink to one pixel before a norm layer) is a
+    ConfigError too, found here before any work.
+    """
     with torch.device("meta"):
         model = build_model(config.model.spec(), info.shape, info.num_classes)
     params = sum(parameter.numel() for parameter in model.parameters())
@@ -57,10 +62,18 @@ def network_footprint(config: ExperimentConfig, info: DatasetInfo) -> tuple[int,
             activations += output[0].numel()
 
     handles = [module.register_forward_hook(count) for module in model.modules()]
-    with torch.no_grad():
-        model(torch.empty((1, *info.shape), device="meta"))
-    for handle in handles:
-        handle.remove()
+    try:
+        with torch.no_grad():
+            model(torch.empty((1, *info.shape), device="meta"))
+    except (ValueError, RuntimeError) as error:
+        model_config = config.model
+        raise ConfigError(
+            f"model: a {model_config.arch} of depth {model_config.depth} cannot run on "
+            f"{info.channels}x{info.height}x{info.width} images ({str(error).splitlines()[0]}); lower model.depth"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
     return params, activations
 
 

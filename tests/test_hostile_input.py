@@ -357,6 +357,9 @@ def test_a_config_that_cannot_fit_is_refused_with_the_estimate() -> None:
                            "federation": {"max_reply_mb": 1024}})
     with pytest.raises(ConfigError, match=r"^memory: this run needs about 230\.8 GiB .*16\.0 GiB.*1000 clients x 61,680,080 bytes"):
         check_memory(config, dataset_info("cifar10"), available=16 * 2**30)
+    too_deep = parse_config({"data": {"name": "digits"}, "model": {"depth": 6}})
+    with pytest.raises(ConfigError, match=r"^model: a convnet of depth 6 cannot run on 1x8x8 images"):
+        check_memory(too_deep, dataset_info("digits"), available=2**40)
     too_big_a_set = parse_config({"data": {"name": "cifar10"}, "distill": {"ipc": 10_000}})
     with pytest.raises(ConfigError, match=r"^distill.ipc: one client's set would be 1\.1 GiB .*max_reply_mb = 256"):
         check_memory(too_big_a_set, dataset_info("cifar10"), available=2**50)
