@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from fedistill.atomic import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -49,5 +51,5 @@ def write_result(result_id: str, value: float, unit: str, notes: str) -> Path:
         "notes": notes,
     }
     path = RESULTS / f"{result_id}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text(path, json.dumps(record, indent=2) + "\n")
     return path

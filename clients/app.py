@@ -23,7 +23,21 @@ from fedistill.data import ImageData, client_data, load_dataset, partition_datas
 from fedistill.device import pick_device
 from fedistill.distill import get_distiller
 from fedistill.distill.embedding import perturbed_copies
-from fedistill.messages import PROXIMAL_MU, ROUND, TASK, read_experiment, record_to_state, state_to_record
+from fedistill.messages import (
+    CONTINUED,
+    IDENTIFY,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PREVIOUS_SET,
+    PROXIMAL_MU,
+    ROUND,
+    STATE_PREFIX,
+    TASK,
+    read_experiment,
+    record_to_state,
+    restore_into,
+    state_to_record,
+)
 from fedistill.models import build_model
 from fedistill.synthetic import SyntheticSet
 
@@ -104,13 +118,36 @@ def distill_partition(
     return syn, metrics
 
 
-PREVIOUS_SET = "previous-set"
-"""Key of the node's last set in ``context.state``; multi-round distillation continues from it."""
+KEPT_BY_SERVER: tuple[str, ...] = ()
+"""``context.state`` keys (config or metric records) the server keeps for this node and gives back after a restart.
+
+Each reply carries them as ``state.<key>`` records; the server stores the
+latest accepted copy per partition in its checkpoint and returns it as
+``restore.<key>`` to a node that starts without it (``fedistill.messages``).
+The previous set is not listed: the server rebuilds it from the accepted set.
+State that must survive a server resume or a node restart (e.g. a per-client
+privacy ledger) is added here; records are limited to small plain values
+(``server.validation.check_client_state``).
+"""
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """``identify``: which partition this node holds, so the server can give back the state it kept for it."""
+    task = msg.content.config_records.get("config", {}).get(TASK)
+    if task != IDENTIFY:
+        raise ValueError(f"query task: unknown value {task!r}; allowed: {IDENTIFY}")
+    identity = {
+        PARTITION_ID: int(context.node_config["partition-id"]),
+        NUM_PARTITIONS: int(context.node_config["num-partitions"]),
+    }
+    return Message(RecordDict({"metrics": MetricRecord(identity)}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run the task the server asked for (see ``fedistill.messages``) on this node's partition."""
+    restore_into(msg.content, context.state)
     config, control = read_experiment(msg.content["config"])
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
@@ -124,7 +161,7 @@ def train(msg: Message, context: Context) -> Message:
             config, data, global_state, device, proximal_mu=float(control.get(PROXIMAL_MU, 0.0)), seed=seed
         )
         content = RecordDict(
-            {"arrays": state_to_record(state), "metrics": MetricRecord({**metrics, "partition-id": partition_id})}
+            {"arrays": state_to_record(state), "metrics": MetricRecord({**metrics, PARTITION_ID: partition_id})}
         )
         return Message(content, reply_to=msg)
     global_record = msg.content.array_records.get("global")
@@ -140,7 +177,11 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
     if global_record is not None:
         context.state[PREVIOUS_SET] = arrays
-    content = RecordDict({"set": arrays, "metrics": MetricRecord({**metrics, "partition-id": partition_id})})
+    metrics = {**metrics, PARTITION_ID: partition_id, CONTINUED: int(previous is not None)}
+    content = RecordDict({"set": arrays, "metrics": MetricRecord(metrics)})
+    for key in KEPT_BY_SERVER:
+        if key in context.state:
+            content[STATE_PREFIX + key] = context.state[key]
     return Message(content, reply_to=msg)
 
 

@@ -11,6 +11,7 @@ commands so that ``fedistill --help`` answers at once.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
+"""What a shell reports for a command ended by Ctrl-C (128 + SIGINT)."""
 
 
 @contextmanager
@@ -123,7 +126,7 @@ def distill(
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="Experiment TOML file (see configs/).")],
+    config: Annotated[Path | None, typer.Argument(help="Experiment TOML file (see configs/).")] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a config key, e.g. --set partition.alpha=0.1 (repeatable)."),
@@ -131,6 +134,10 @@ def run(
     against: Annotated[
         list[str] | None,
         typer.Option(help="Also run this baseline (fedavg, fedprox) on the same partitions at the same upload."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue this stopped run directory after its last complete round (instead of CONFIG)."),
     ] = None,
 ) -> None:
     """Run a federated experiment in Flower's simulation engine and write its run directory.
@@ -140,18 +147,58 @@ def run(
     With --against, each named baseline runs next, for as many rounds as fit
     in the first run's upload bytes, and a comparison table is printed and
     saved as comparison.json in the first run's directory.
+
+    Every round is checkpointed. --resume RUN_DIR continues a run that was
+    stopped (Ctrl-C, a crash, too few clients) from its config.toml and
+    checkpoint; with the same config it ends exactly as the uninterrupted run
+    would have. Only operational keys (device, timeouts, quorum, min_clients,
+    max_reply_mb) may be changed with --set when resuming.
     """
     with _user_errors():
-        from fedistill.config import ConfigError, load_config
+        from fedistill.budget import check_memory
+        from fedistill.checkpoint import CheckpointError
+        from fedistill.config import OPERATIONAL_KEYS, ConfigError, load_config
+        from fedistill.data import dataset_info
         from fedistill.runs import write_json
-        from fedistill.simulation import simulate_run
+        from fedistill.simulation import SimulationInterrupted, simulate_run
         from server.compare import BASELINES, baseline_config, comparison_rows, comparison_table, read_metrics
+        from server.federation import NotEnoughClients
 
-        cfg = load_config(config, parse_sets(set_ or []))
+        overrides = parse_sets(set_ or [])
+        if (config is None) == (resume is None):
+            raise ConfigError("run: give either an experiment file (CONFIG) or --resume RUN_DIR, not both")
+        if resume is not None:
+            if against:
+                raise ConfigError("--against: not available with --resume; run the baselines on their own")
+            fixed = [key for key in overrides if key not in OPERATIONAL_KEYS]
+            if fixed:
+                raise ConfigError(
+                    f"--set {fixed[0]}: cannot change when resuming (the run must compute what it started); "
+                    f"allowed: {', '.join(OPERATIONAL_KEYS)}"
+                )
+            if not (resume / "config.toml").is_file():
+                raise ConfigError(f"--resume {resume}: not a run directory (no config.toml)")
+            cfg = load_config(resume / "config.toml", overrides)
+        else:
+            assert config is not None
+            cfg = load_config(config, overrides)
         unknown = [name for name in against or [] if name not in BASELINES]
         if unknown:
             raise ConfigError(f"--against: unknown baseline {unknown[0]!r}; allowed: {', '.join(BASELINES)}")
-        run_dirs = [simulate_run(cfg, console)]
+        info = dataset_info(cfg.data.name, cfg.data.path)
+        check_memory(cfg, info, clients_here=min(cfg.partition.num_clients, os.cpu_count() or 1))
+        try:
+            run_dirs = [simulate_run(cfg, console, resume=resume)]
+        except SimulationInterrupted as stopped:
+            where = stopped.run_dir
+            hint = f"; continue with: fedistill run --resume {where}" if where is not None else ""
+            err_console.print(f"interrupted{hint}", style="red", markup=False, highlight=False)
+            raise typer.Exit(INTERRUPTED_EXIT) from None
+        except CheckpointError as error:
+            raise ConfigError(str(error)) from None
+        except NotEnoughClients as error:
+            err_console.print(f"error: {error}", style="red", markup=False, highlight=False)
+            raise typer.Exit(1) from None
         upload = read_metrics(run_dirs[0])["upload_bytes"]
         for name in against or []:
             run_dirs.append(simulate_run(baseline_config(cfg, name, upload), console))

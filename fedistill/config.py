@@ -143,6 +143,14 @@ class FederationConfig(_Section):
     Gaussian noise of ``perturbation`` times each weight tensor's std (FedDM).
     ``local_*`` and ``proximal_mu`` set the baselines' client training;
     ``fraction_train`` is the share of nodes asked per baseline round.
+
+    Faults (see docs/operations.md): each round asks the nodes connected at
+    its start (waiting up to ``round_timeout_s`` for ``min_clients`` of them)
+    and stops waiting for replies when all have answered, ``round_timeout_s``
+    after asking, or ``straggler_timeout_s`` after the quorum of valid
+    replies, max(``min_clients``, ceil(``quorum`` x nodes asked)), arrived.
+    A round with fewer valid replies than that quorum ends the run with a
+    resumable run directory.
     """
 
     protocol: Literal["one-shot", "multi-round", "fedavg", "fedprox"] = "one-shot"
@@ -157,7 +165,13 @@ class FederationConfig(_Section):
     proximal_mu: float = Field(default=0.01, ge=0)
     fraction_train: float = Field(default=1.0, gt=0, le=1)
     min_clients: int = Field(default=2, ge=1, description="replies needed for a round to count")
-    round_timeout_s: float = Field(default=3600.0, gt=0)
+    quorum: float = Field(
+        default=0.0, ge=0, le=1, description="share of the nodes asked whose valid replies a round needs (and min_clients)"
+    )
+    round_timeout_s: float = Field(default=3600.0, gt=0, description="longest wait for nodes and replies in a round")
+    straggler_timeout_s: float = Field(
+        default=3600.0, ge=0, description="once the quorum has replied, how much longer a round waits for the rest"
+    )
     max_reply_mb: float = Field(default=256.0, gt=0, description="larger client replies are rejected unread")
 
     @model_validator(mode="after")
@@ -171,6 +185,18 @@ class FederationConfig(_Section):
         if self.soft_labels and self.protocol != "multi-round":
             raise ValueError("federation.soft_labels needs protocol 'multi-round' (a global model to label with)")
         return self
+
+
+OPERATIONAL_KEYS = (
+    "device",
+    "output_dir",
+    "federation.min_clients",
+    "federation.quorum",
+    "federation.round_timeout_s",
+    "federation.straggler_timeout_s",
+    "federation.max_reply_mb",
+)
+"""Flat keys that steer how a run is carried out rather than what it computes: a resumed run may change them."""
 
 
 class ExperimentConfig(_Section):
@@ -254,3 +280,8 @@ def from_run_config(flat: Mapping[str, Any]) -> ExperimentConfig:
             nested[section] = value
     return parse_config(nested)
 
+
+
+def experiment_fingerprint(config: ExperimentConfig) -> dict[str, str | int | float | bool]:
+    """The flat config without ``OPERATIONAL_KEYS``: what must not change when a run is resumed."""
+    return {key: value for key, value in to_run_config(config).items() if key not in OPERATIONAL_KEYS}

@@ -19,6 +19,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedistill.atomic import save_figure
 from fedistill.data import DatasetInfo, denormalize
 from fedistill.synthetic import SyntheticSet
 
@@ -59,8 +60,7 @@ def _save_mosaic(
     else:
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _slug(text: str) -> str:
@@ -126,5 +126,4 @@ def plot_curve(xs: Sequence[float], ys: Sequence[float], xlabel: str, ylabel: st
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

@@ -1,17 +1,16 @@
 """Run directories: one folder per run holding its resolved config, artefacts and metrics.
 
-Files are written atomically (temp file in the same directory, fsync,
-``os.replace``) so a crash or a serialisation error never leaves a truncated
-``metrics.json`` behind, and a reader polling a run directory sees either the
-old file or the new one.
+Every file in a run directory is written atomically (``fedistill.atomic``: temp
+file in the same directory, fsync, ``os.replace``), so a crash, a kill or a
+serialisation error never leaves a truncated ``metrics.json``, set or
+checkpoint behind, and a reader polling a run directory (or a resumed run)
+sees either the old file or the new one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from fedistill.atomic import atomic_path
 from fedistill.config import ExperimentConfig
 
 
@@ -45,39 +45,11 @@ def create_run_dir(output_dir: Path, name: str) -> Path:
 
 
 def _atomic_write(path: Path, write: Callable[[IO[str]], None]) -> Path:
-    """Let ``write`` fill a temp file next to ``path``, make it durable, then swap it in."""
+    """Let ``write`` fill a temp file next to ``path`` (UTF-8 text), make it durable, then swap it in."""
     path = Path(path)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, 0o666 & ~_current_umask())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    with atomic_path(path) as temp, open(temp, "w", encoding="utf-8") as handle:
+        write(handle)
     return path
-
-
-def _current_umask() -> int:
-    """mkstemp creates files 0600; run files should get the usual permissions instead."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself; only POSIX can open a directory for fsync."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def write_text(path: Path, text: str) -> Path:

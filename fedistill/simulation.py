@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,13 +137,48 @@ def simulate(
         flwr_logger.setLevel(level)
 
 
-def simulate_run(config: ExperimentConfig, console: Console | None = None, *, verbose: bool = False) -> Path:
-    """Simulate ``config`` and return its run directory (what ``fedistill run`` prints and compares)."""
-    from server.app import make_server_app
+def simulate_run(
+    config: ExperimentConfig, console: Console | None = None, *, verbose: bool = False, resume: Path | None = None
+) -> Path:
+    """Simulate ``config`` (or continue the run in ``resume``) and return its run directory.
+
+    Ctrl-C (KeyboardInterrupt) asks the ServerApp to stop at its next wait and
+    waits until it has written its run directory (the checkpoint of the last
+    complete round stays as it was), then re-raises as ``SimulationInterrupted``
+    naming the directory, which ``fedistill run --resume`` continues.
+    """
+    from flwr.serverapp import Grid, ServerApp
+
+    from server.app import run_protocol
+    from server.federation import RunControl
 
     run_dirs: list[Path] = []
-    server_app = make_server_app(config, console, on_done=run_dirs.append)
-    simulate(config, server_app=server_app, verbose=verbose)
+    started: list[Path] = []
+    stop, finished = threading.Event(), threading.Event()
+    control = RunControl(resume=resume, stop=stop, on_start=started.append)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Any) -> None:
+        try:
+            run_dirs.append(run_protocol(grid, config, console, control))
+        finally:
+            finished.set()
+
+    try:
+        simulate(config, server_app=server_app, verbose=verbose)
+    except KeyboardInterrupt:
+        stop.set()
+        finished.wait()
+        raise SimulationInterrupted(started[0] if started else None) from None
     if not run_dirs:
         raise RuntimeError("the simulation ended before the ServerApp finished its protocol; no run directory")
     return run_dirs[0]
+
+
+class SimulationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``simulate_run``; ``run_dir`` (None if none was created yet) is resumable."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from fedistill.atomic import atomic_path
+
 
 @dataclass
 class SyntheticSet:
@@ -86,9 +88,10 @@ class SyntheticSet:
         )
 
     def save(self, path: Path | str) -> None:
-        """Write as safetensors (no pickle), with class count and provenance as metadata."""
+        """Write as safetensors (no pickle), atomically, with class count and provenance as metadata."""
         metadata = {"num_classes": str(self.num_classes), "provenance": json.dumps(self.provenance, default=str)}
-        save_file(self.to_arrays(), str(path), metadata=metadata)
+        with atomic_path(path) as temp:
+            save_file(self.to_arrays(), str(temp), metadata=metadata)
 
     @classmethod
     def load(cls, path: Path | str) -> SyntheticSet:

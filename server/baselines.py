@@ -15,7 +15,19 @@ what the harness needs and Flower leaves out:
   ``InconsistentMessageReplies``, which ends ``Strategy.start``. So every
   reply is checked against the global model first; bad ones are logged with
   their node and reason and left out, as in ``server.federation``. Replies
-  carrying an error go on to Flower, which logs them itself.
+  carrying an error go on to Flower, which logs them itself. Accepted replies
+  are averaged in partition order, so the sum does not depend on arrival order
+  or node ids;
+- faults: Flower's node sampling waits forever for ``min_available_nodes``;
+  ``configure_train`` first waits (bounded) for ``federation.min_clients``
+  nodes. The strategy talks to the nodes through ``QuorumGrid``, which gives
+  its ``send_and_receive`` the protocols' quorum and straggler timeout;
+- checkpoints: the central evaluation that closes each round also writes the
+  checkpoint (global arrays, history, RNG states: Flower samples nodes with
+  Python's ``random``), and a resumed run starts Flower's strategy again from
+  the checkpointed arrays with its rounds shifted (``round_offset``), so the
+  round numbers the nodes see, and the seeds they derive, are those of the
+  uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import logging
 import math
 import numbers
 import random
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -38,17 +51,32 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import save_file
 
-from fedistill.config import ExperimentConfig
+from fedistill.atomic import save_tensors
+from fedistill.checkpoint import Checkpoint, save_checkpoint
+from fedistill.config import ExperimentConfig, experiment_fingerprint
 from fedistill.data import load_dataset
 from fedistill.device import pick_device
-from fedistill.messages import experiment_record, record_to_state, state_to_record
+from fedistill.messages import PARTITION_ID, experiment_record, record_to_state, state_to_record
 from fedistill.runs import create_run_dir, save_config
 from fedistill.training import evaluate_model
-from server.federation import GridLike, NotEnoughClients, fresh_model, wait_for_nodes
+from server.federation import (
+    UNAVAILABLE,
+    GridLike,
+    NotEnoughClients,
+    RunControl,
+    RunInterrupted,
+    WaitPolicy,
+    check_stop,
+    discard_unfinished_rounds,
+    exchange,
+    fresh_model,
+    load_resumable,
+    resume_hint,
+    wait_for_nodes,
+)
 from server.history import RoundRecord, RunHistory, write_history
-from server.validation import InvalidReply
+from server.validation import InvalidReply, array_to_numpy, check_client_metrics
 
 log = logging.getLogger("fedistill.server")
 
@@ -64,9 +92,11 @@ class RoundLedger:
 
     started: float = 0.0
     asked: list[str] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
     download_bytes: int = 0
     upload_bytes: int = 0
     accepted: list[str] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     client_seconds: dict[str, float] = field(default_factory=dict)
@@ -84,11 +114,14 @@ class ArraySpec(dict[str, tuple[tuple[int, ...], np.dtype]]):
         return spec
 
 
-def check_fit_reply(reply: Message, spec: ArraySpec, arrays_key: str, max_bytes: int) -> dict[str, Any]:
+def check_fit_reply(
+    reply: Message, spec: ArraySpec, arrays_key: str, max_bytes: int, num_partitions: int
+) -> dict[str, Any]:
     """The reply's metrics if its content can be averaged into the global model; InvalidReply says why not.
 
     Structure and size are checked before any array is deserialised, so an
-    oversized reply costs no memory.
+    oversized reply costs no memory; each array's ``.npy`` header is read
+    before its data (``array_to_numpy``).
     """
     content = reply.content
     if list(content.array_records) != [arrays_key] or len(content.metric_records) != 1:
@@ -96,7 +129,7 @@ def check_fit_reply(reply: Message, spec: ArraySpec, arrays_key: str, max_bytes:
             f"reply must hold exactly the '{arrays_key}' arrays and one metrics record; "
             f"got arrays {sorted(content.array_records)} and metrics {sorted(content.metric_records)}"
         )
-    metrics = dict(next(iter(content.metric_records.values())))
+    metrics = check_client_metrics(next(iter(content.metric_records.values())), num_partitions)
     examples = metrics.get("num-examples")
     if not _is_number(examples) or examples <= 0:
         raise InvalidReply(f"num-examples: must be a positive finite number, got {examples!r}")
@@ -113,10 +146,7 @@ def check_fit_reply(reply: Message, spec: ArraySpec, arrays_key: str, max_bytes:
             raise InvalidReply(
                 f"{key}: declared {array.dtype}{list(array.shape)}, the global model has {dtype}{list(shape)}"
             )
-        try:
-            value = array.numpy()
-        except (TypeError, ValueError, OSError) as error:
-            raise InvalidReply(f"{key}: cannot be read as a numpy array ({error})") from None
+        value = array_to_numpy(array, key, max_bytes)
         if value.shape != shape or value.dtype != dtype:
             raise InvalidReply(
                 f"{key}: holds {value.dtype}{list(value.shape)}, the global model has {dtype}{list(shape)}"
@@ -136,33 +166,59 @@ class _Harness:
 
     arrayrecord_key: str
 
-    def __init__(self, *, spec: ArraySpec, min_clients: int, max_reply_bytes: int, **strategy: Any) -> None:
-        """``spec`` describes the global model's arrays; ``strategy`` goes to the Flower strategy unchanged."""
+    def __init__(
+        self,
+        *,
+        spec: ArraySpec,
+        policy: WaitPolicy,
+        max_reply_bytes: int,
+        num_partitions: int,
+        round_offset: int = 0,
+        stop: threading.Event | None = None,
+        **strategy: Any,
+    ) -> None:
+        """``spec`` describes the global model's arrays; ``strategy`` goes to the Flower strategy unchanged.
+
+        ``round_offset`` is the number of rounds a resumed run already has:
+        Flower's loop counts from 1 again, the nodes and the records see the
+        run's own round numbers.
+        """
         super().__init__(**strategy)
         self.spec = spec
-        self.min_clients = min_clients
+        self.policy = policy
+        self.min_clients = policy.min_clients
         self.max_reply_bytes = max_reply_bytes
+        self.num_partitions = num_partitions
+        self.round_offset = round_offset
+        self.stop = stop
         self.ledger = RoundLedger()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.ledger = RoundLedger(started=time.perf_counter())
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        # Flower's sampling would wait forever for min_available_nodes; wait here with a deadline.
+        wait_for_nodes(grid, self.min_clients, self.policy.round_timeout_s, stop=self.stop)
+        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))  # type: ignore[misc]
         self.ledger.asked = [str(message.metadata.dst_node_id) for message in messages]
         self.ledger.download_bytes = arrays.count_bytes() * len(messages)
+        self.ledger.messages = messages
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         ledger = self.ledger
         replies = list(replies)
+        # The node a reply is for is the destination of the message it answers: the SuperLink,
+        # not the node, signs the "node unavailable" errors.
+        destination = {message.metadata.message_id: str(message.metadata.dst_node_id) for message in ledger.messages}
         kept: list[Message] = []
-        accepted_metrics: list[dict[str, Any]] = []
+        accepted: list[tuple[int, Message, dict[str, Any]]] = []
         seen: set[str] = set()
         for reply in replies:
-            node = str(reply.metadata.src_node_id)
+            node = destination.get(reply.metadata.reply_to_message_id, str(reply.metadata.src_node_id))
             if node in seen:
                 log.warning("round %d: ignored a second reply from node %s", server_round, node)
                 continue
@@ -170,19 +226,29 @@ class _Harness:
                 if node not in ledger.asked:
                     raise InvalidReply("this node was not asked in this round")
                 seen.add(node)
+                if reply.has_error() and reply.error.code in UNAVAILABLE:
+                    log.warning("round %d: node %s is unavailable: %s", server_round, node, reply.error.reason)
+                    seen.discard(node)
+                    continue
                 if reply.has_error():
                     # Flower's aggregate_train logs these itself and leaves them out.
                     ledger.rejected[node] = f"client error {reply.error.code}: {reply.error.reason}"
                     kept.append(reply)
                     continue
-                metrics = check_fit_reply(reply, self.spec, self.arrayrecord_key, self.max_reply_bytes)
+                if str(reply.metadata.src_node_id) != node:
+                    raise InvalidReply(f"reply signed by node {reply.metadata.src_node_id}, not by the node asked")
+                metrics = check_fit_reply(
+                    reply, self.spec, self.arrayrecord_key, self.max_reply_bytes, self.num_partitions
+                )
+                if any(metrics[PARTITION_ID] == partition for partition, _, _ in accepted):
+                    raise InvalidReply(f"partition-id: partition {metrics[PARTITION_ID]} already answered this round")
             except InvalidReply as reason:
                 log.warning("round %d: rejected reply from node %s: %s", server_round, node, reason)
                 ledger.rejected[node] = str(reason)
                 continue
-            kept.append(reply)
-            accepted_metrics.append(metrics)
+            accepted.append((metrics[PARTITION_ID], reply, metrics))
             ledger.accepted.append(node)
+            ledger.partitions.append(metrics[PARTITION_ID])
             ledger.upload_bytes += reply.content.array_records[self.arrayrecord_key].count_bytes()
             seconds = metrics.get("seconds", 0.0)
             ledger.client_seconds[node] = float(seconds) if _is_number(seconds) else 0.0
@@ -194,7 +260,10 @@ class _Harness:
                 f"round {server_round}: {len(ledger.accepted)} valid replies, "
                 f"need federation.min_clients = {self.min_clients}"
             )
-        _same_metric_keys([reply for reply in kept if not reply.has_error()], accepted_metrics)
+        accepted.sort(key=lambda item: item[0])
+        accepted_metrics = [metrics for _, _, metrics in accepted]
+        _same_metric_keys([reply for _, reply, _ in accepted], accepted_metrics)
+        kept = [reply for _, reply, _ in accepted] + kept
         arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
         return (None if arrays is None else self._in_global_dtypes(arrays)), metrics
 
@@ -239,27 +308,71 @@ def _same_metric_keys(replies: list[Message], metrics: list[dict[str, Any]]) -> 
 
 
 @contextmanager
-def _python_random(seed: int) -> Iterator[None]:
-    """Seed Python's ``random`` (Flower samples nodes with ``random.sample``) and restore it afterwards."""
+def _python_random(seed: int | None) -> Iterator[None]:
+    """Seed Python's ``random`` (Flower samples nodes with ``random.sample``) and restore it afterwards.
+
+    ``seed=None`` keeps the current state: a resumed run has just restored the
+    checkpointed one.
+    """
     state = random.getstate()
-    random.seed(seed)
+    if seed is not None:
+        random.seed(seed)
     try:
         yield
     finally:
         random.setstate(state)
 
 
-def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | None = None) -> Path:
-    """Run FedAvg or FedProx through Flower's strategy; returns the run directory.
+class QuorumGrid:
+    """A Grid whose ``send_and_receive`` waits like the distillation rounds do (``server.federation.exchange``).
+
+    Flower's strategies call ``grid.send_and_receive(messages, timeout)``,
+    which waits for every reply or the timeout; through this wrapper a round
+    also ends ``straggler_timeout_s`` after the quorum of replies without an
+    error, and a stop request ends the wait. Everything else goes to the
+    wrapped grid.
+    """
+
+    def __init__(self, grid: GridLike, policy: WaitPolicy, stop: threading.Event | None = None) -> None:
+        self.grid = grid
+        self.policy = policy
+        self.stop = stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        replies: list[Message] = []
+
+        def on_reply(node: int, reply: Message) -> bool:
+            replies.append(reply)
+            return not reply.has_error()
+
+        exchange(self.grid, messages, self.policy, on_reply, self.policy.needed(len(messages)), self.stop)
+        return replies
+
+
+def run_baseline(
+    grid: GridLike, config: ExperimentConfig, console: Console | None = None, control: RunControl | None = None
+) -> Path:
+    """Run FedAvg or FedProx through Flower's strategy, or continue one (``control.resume``); returns the run directory.
 
     Each round the sampled nodes train the global model locally
     (``clients.fit``), the valid replies are averaged by the number of
     examples, and the server tests the new global model on the held-out split
-    (``evaluate_fn``; nodes do no evaluation). A round with fewer than
-    ``federation.min_clients`` valid replies ends the run with
-    NotEnoughClients after writing what was recorded so far.
+    (``evaluate_fn``; nodes do no evaluation), then checkpoints. A round with
+    fewer valid replies than its quorum ends the run with NotEnoughClients
+    after writing what was recorded so far; the run directory stays resumable.
     """
+    from fedistill.budget import check_memory
     console = console or Console()
+    control = control or RunControl()
     federation = config.federation
     if federation.protocol not in BASELINES:
         raise ValueError(
@@ -267,17 +380,37 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
         )
     device = pick_device(config.device)
     test = load_dataset(config.data.name, "test", root=config.data.root, path=config.data.path)
+    check_memory(config, test.info)
     test_x, test_y = test.normalized(device), torch.from_numpy(test.labels).to(device)
-    run_dir = create_run_dir(config.output_dir, f"fed-{test.info.name}-{federation.protocol}")
-    save_config(run_dir, config)
     model = fresh_model(config, test, device, config.seed)
     initial = state_to_record(model.state_dict())
     model_bytes = initial.count_bytes()
     history = RunHistory(federation.protocol)
+    state: dict[str, Any] = {"arrays": initial, "initial": None}
+    completed = 0
+    if control.resume is None:
+        run_dir = create_run_dir(config.output_dir, f"fed-{test.info.name}-{federation.protocol}")
+        save_config(run_dir, config)
+    else:
+        run_dir = Path(control.resume)
+        checkpoint = load_resumable(run_dir, config)
+        if checkpoint is not None:
+            completed = checkpoint.round
+            history = RunHistory.from_dict(checkpoint.state["history"])
+            state["initial"] = checkpoint.state.get("initial")
+            state["arrays"] = state_to_record(checkpoint.section("global"))
+        discard_unfinished_rounds(run_dir, completed, federation.rounds)
+        console.print(f"resuming {run_dir} after round {completed}/{federation.rounds}")
+    if control.on_start is not None:
+        control.on_start(run_dir)
+    policy = WaitPolicy.from_config(config)
     common: dict[str, Any] = {
         "spec": ArraySpec.of(initial),
-        "min_clients": federation.min_clients,
+        "policy": policy,
         "max_reply_bytes": int(federation.max_reply_mb * 2**20),
+        "num_partitions": config.partition.num_clients,
+        "round_offset": completed,
+        "stop": control.stop,
         "fraction_train": federation.fraction_train,
         "fraction_evaluate": 0.0,
         "min_train_nodes": federation.min_clients,
@@ -288,17 +421,32 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
         strategy = HarnessFedProx(**common, proximal_mu=federation.proximal_mu)
     else:
         strategy = HarnessFedAvg(**common)
-    state: dict[str, Any] = {"arrays": initial, "initial": None}
+    nodes_seen = [0]
+
+    def checkpoint(server_round: int) -> None:
+        saved = Checkpoint(server_round)
+        saved.put("global", record_to_state(state["arrays"]))
+        saved.state = {
+            "protocol": federation.protocol,
+            "experiment": experiment_fingerprint(config),
+            "history": history.to_dict(),
+            "initial": state["initial"],
+        }
+        save_checkpoint(run_dir, saved)
+        write_history(run_dir, history, summary("running"))
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Test the global model centrally; after a training round, close that round's record."""
+        """Test the global model centrally; after a training round, close that round's record and checkpoint."""
         model.load_state_dict({key: value.to(device) for key, value in record_to_state(arrays).items()})
         accuracy, loss = evaluate_model(model, test_x, test_y)
         state["arrays"] = arrays
         if server_round == 0:
-            state["initial"] = {"accuracy": accuracy, "loss": loss}
+            if state["initial"] is None:
+                state["initial"] = {"accuracy": accuracy, "loss": loss}
             return MetricRecord({"accuracy": accuracy, "loss": loss})
+        server_round += completed
         ledger = strategy.ledger
+        nodes_seen[0] = len(ledger.asked)
         record = RoundRecord(
             round=server_round,
             accuracy=accuracy,
@@ -310,11 +458,16 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
             rejected=dict(ledger.rejected),
             missing=list(ledger.missing),
             client_seconds=dict(ledger.client_seconds),
+            asked=len(ledger.asked),
+            partitions=sorted(ledger.partitions),
         )
         history.add(record)
+        checkpoint(server_round)
         console.print(
             f"round {server_round}/{federation.rounds}: {record.accepted}/{len(ledger.asked)} replies averaged, "
             f"accuracy {100 * accuracy:.2f}%, {record.seconds:.1f} s"
+            + (f"; missing nodes: {', '.join(record.missing)}" if record.missing else "")
+            + (f"; rejected: {', '.join(record.rejected)}" if record.rejected else "")
         )
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
@@ -322,8 +475,9 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
         return {
             "status": status,
             "protocol": federation.protocol,
-            "nodes": len(nodes),
+            "nodes": history.rounds[-1].asked if history.rounds else nodes_seen[0],
             "accepted": history.rounds[-1].accepted if history.rounds else 0,
+            "completed_rounds": len(history.rounds),
             "upload_bytes": sum(r.upload_bytes for r in history.rounds),
             "download_bytes": sum(r.download_bytes for r in history.rounds),
             "model_bytes": model_bytes,
@@ -334,28 +488,35 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
             **extra,
         }
 
-    nodes = wait_for_nodes(grid, federation.min_clients, federation.round_timeout_s)
+    remaining = federation.rounds - completed
     console.print(
-        f"{federation.protocol}: {federation.rounds} rounds over {len(nodes)} nodes, "
+        f"{federation.protocol}: {remaining} of {federation.rounds} rounds to run, "
         f"{federation.local_epochs} local epochs each, {model_bytes:,} bytes per model"
     )
     try:
-        with _python_random(config.seed):
-            strategy.start(
-                grid=grid,
-                initial_arrays=initial,
-                num_rounds=federation.rounds,
-                timeout=federation.round_timeout_s,
-                train_config=experiment_record(config, "fit"),
-                evaluate_fn=evaluate_fn,
-            )
-    except NotEnoughClients as error:
+        if remaining > 0:
+            nodes = wait_for_nodes(grid, federation.min_clients, federation.round_timeout_s, stop=control.stop)
+            nodes_seen[0] = len(nodes)
+            with _python_random(config.seed if completed == 0 else None):
+                strategy.start(
+                    grid=QuorumGrid(grid, policy, control.stop),  # type: ignore[arg-type]
+                    initial_arrays=state["arrays"],
+                    num_rounds=remaining,
+                    timeout=federation.round_timeout_s,
+                    train_config=experiment_record(config, "fit"),
+                    evaluate_fn=evaluate_fn,
+                )
+        check_stop(control.stop)
+    except (NotEnoughClients, RunInterrupted) as error:
+        status = "interrupted" if isinstance(error, RunInterrupted) else "failed"
         failed_round = len(history.rounds) + 1
-        write_history(run_dir, history, summary("failed", failed_round=failed_round, reason=str(error),
-                                                rejected=strategy.ledger.rejected, missing=strategy.ledger.missing))
-        raise
+        write_history(run_dir, history, summary(status, failed_round=failed_round, reason=str(error),
+                                                rejected=strategy.ledger.rejected, missing=strategy.ledger.missing,
+                                                resume=resume_hint(run_dir)))
+        console.print(f"{status}: {error}\n{resume_hint(run_dir)}", markup=False, highlight=False)
+        raise type(error)(f"{error}; {resume_hint(run_dir)}") from None
     final = record_to_state(state["arrays"])
-    save_file({key: value.contiguous() for key, value in final.items()}, str(run_dir / "global_model.safetensors"))
+    save_tensors(run_dir / "global_model.safetensors", final)
     result = summary("completed")
     write_history(run_dir, history, result)
     console.print(_summary_table(result, run_dir))

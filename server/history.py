@@ -8,19 +8,27 @@ message sent), cumulative upload, wall time, and seconds per client.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedistill.atomic import save_figure
 from fedistill.runs import write_json
 
 
 @dataclass
 class RoundRecord:
-    """One server round. ``accuracy`` is in [0, 1], on the held-out test split."""
+    """One server round. ``accuracy`` is in [0, 1], on the held-out test split.
+
+    ``rejected`` (node -> reason) and ``missing`` (nodes asked that never
+    answered, or that the SuperLink reported unavailable) name node ids, as
+    the operator sees them in ``flwr supernode list``; ``partitions`` are the
+    partitions whose replies were accepted, which stay the same across node
+    restarts and resumed runs; ``asked`` counts the nodes asked.
+    """
 
     round: int
     accuracy: float
@@ -32,6 +40,8 @@ class RoundRecord:
     rejected: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     client_seconds: dict[str, float] = field(default_factory=dict)
+    asked: int = 0
+    partitions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +74,15 @@ class RunHistory:
             rounds.append({**asdict(record), "cumulative_upload_bytes": cumulative})
         return {"protocol": self.protocol, "rounds": rounds}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunHistory:
+        """The inverse of ``to_dict`` (a checkpoint's copy); derived fields are recomputed, not read."""
+        names = {item.name for item in fields(RoundRecord)}
+        history = cls(values["protocol"])
+        for record in values["rounds"]:
+            history.add(RoundRecord(**{key: value for key, value in record.items() if key in names}))
+        return history
+
 
 def write_history(run_dir: Path, history: RunHistory, summary: dict[str, Any]) -> Path:
     """``metrics.json`` (summary plus per-round records) and the two plots; returns the JSON path."""
@@ -92,6 +111,4 @@ def plot_history(history: RunHistory, path: Path, by: str) -> Path:
     ax.set_title(f"{history.protocol}: accuracy vs {'round' if by == 'round' else 'upload'}")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

@@ -8,10 +8,20 @@ an oversized or oddly typed reply costs the server no memory; value checks run
 next, on arrays already known to be small and of the right dtype. The set that
 comes back owns copies of the arrays, so the sender (or a buffer it shares)
 cannot change it afterwards.
+
+Arrays arrive as Flower ``Array`` objects: bytes of a ``.npy`` file. Flower's
+own ``Array.numpy()`` lets ``np.load`` allocate whatever shape the embedded
+header declares before reading any data, so a few hundred bytes could ask for
+terabytes; ``array_to_numpy`` parses the header first and returns a view of
+the received bytes. ``check_client_metrics`` covers the metrics the server
+reads, ``check_client_state`` the small records a client asks the server to
+keep for it across restarts.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import Array, ConfigRecord, MetricRecord
 
 from fedistill.synthetic import SyntheticSet
 
@@ -52,9 +63,132 @@ SOFT_LABEL_TOLERANCE = 1e-3
 DECLARED_METRICS = ("num-images", "bytes")
 """Declared metrics that are checked against the arrays; others are not about the set."""
 
+NPY_HEADER_LIMIT = 10_000
+"""Longest ``.npy`` header read (numpy's own default limit for untrusted files)."""
+
+ARRAY_KINDS = "biuf"
+"""dtype kinds an ``Array`` may hold: booleans, integers, floats. No objects, strings, records or complex."""
+
+CLIENT_STATE_LIMIT_BYTES = 64 * 2**10
+"""Largest record a client may ask the server to keep for it (``state.*`` records); ledgers and counters, not data."""
+
+CLIENT_STATE_MAX_RECORDS = 8
+
 
 class InvalidReply(ValueError):
     """Why a reply was rejected, one line, starting with the offending key."""
+
+
+def array_to_numpy(array: Any, key: str, max_bytes: int) -> np.ndarray:
+    """The numpy array inside a Flower ``Array``, read without trusting its header.
+
+    The ``.npy`` header is parsed with numpy's own (size-limited, literal-only)
+    parser; the dtype must be a plain number type in native or little-endian
+    order, the declared size must fit ``max_bytes`` and equal the bytes that
+    follow the header, and the declared ``Array.dtype``/``shape`` must agree
+    with the header. The result is a read-only view of the received bytes, so
+    nothing is allocated for it.
+    """
+    if not isinstance(array, Array):
+        raise InvalidReply(f"{key}: expected a Flower Array, got {type(array).__name__}")
+    if array.stype != "numpy.ndarray":
+        raise InvalidReply(f"{key}: serialisation {array.stype!r} is not numpy.ndarray")
+    data = array.data
+    if not isinstance(data, bytes):
+        raise InvalidReply(f"{key}: array data is {type(data).__name__}, not bytes")
+    if len(data) > max_bytes + NPY_HEADER_LIMIT:
+        raise InvalidReply(f"{key}: {len(data)} bytes exceeds the limit of {max_bytes}")
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=NPY_HEADER_LIMIT)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=NPY_HEADER_LIMIT)
+        else:
+            raise InvalidReply(f"{key}: .npy format version {version} is not accepted")
+    except InvalidReply:
+        raise
+    except Exception as error:  # numpy's header parser on hostile bytes raises ValueError, SyntaxError, TokenError...
+        raise InvalidReply(f"{key}: not a readable .npy array ({type(error).__name__})") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in ARRAY_KINDS:
+        raise InvalidReply(f"{key}: dtype {dtype.str} is not a plain number type")
+    if dtype.byteorder == ">":
+        raise InvalidReply(f"{key}: big-endian dtype {dtype.str} is not accepted")
+    if not all(isinstance(side, int) and side >= 0 for side in shape):
+        raise InvalidReply(f"{key}: header shape {shape!r} is not a tuple of sizes")
+    count = math.prod(shape)
+    size = count * dtype.itemsize
+    if size > max_bytes:
+        raise InvalidReply(f"{key}: declares {size} bytes, over the limit of {max_bytes}")
+    offset = stream.tell()
+    if len(data) - offset != size:
+        raise InvalidReply(f"{key}: header declares {size} bytes of data but {len(data) - offset} follow")
+    if tuple(array.shape) != tuple(shape) or array.dtype != str(dtype):
+        raise InvalidReply(f"{key}: holds {dtype}{list(shape)} but the Array declares {array.dtype}{list(array.shape)}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+
+
+def check_client_metrics(metrics: Mapping[str, Any], num_partitions: int) -> dict[str, Any]:
+    """The reply's metrics, with every key the server reads checked; InvalidReply names the first bad one.
+
+    ``partition-id`` is required: it keys the node's sets and kept state
+    (node ids change when a node restarts or a run resumes). ``seconds``
+    must be a finite non-negative number, ``num-examples`` a non-negative
+    integer, ``source-counts`` a list of integers and ``continued`` 0 or 1
+    where present. Other keys pass through
+    untouched (Flower has already restricted them to numbers and lists of
+    numbers).
+    """
+    checked = dict(metrics)
+    partition = checked.get("partition-id")
+    if not _is_integer(partition) or not 0 <= partition < num_partitions:
+        raise InvalidReply(f"partition-id: must be an integer in [0, {num_partitions}), got {partition!r}")
+    checked["partition-id"] = int(partition)
+    for key in ("seconds",):
+        if key in checked:
+            value = checked[key]
+            if not _is_real(value) or not math.isfinite(value) or value < 0:
+                raise InvalidReply(f"{key}: must be a finite number >= 0, got {value!r}")
+            checked[key] = float(value)
+    if "num-examples" in checked and (not _is_integer(checked["num-examples"]) or checked["num-examples"] < 0):
+        raise InvalidReply(f"num-examples: must be an integer >= 0, got {checked['num-examples']!r}")
+    if "source-counts" in checked:
+        counts = checked["source-counts"]
+        if not isinstance(counts, list) or not all(_is_integer(count) for count in counts):
+            raise InvalidReply(f"source-counts: must be a list of integers, got {counts!r}")
+        checked["source-counts"] = [int(count) for count in counts]
+    if "continued" in checked and checked["continued"] not in (0, 1):
+        raise InvalidReply(f"continued: must be 0 or 1, got {checked['continued']!r}")
+    return checked
+
+
+def check_client_state(name: str, record: Any) -> dict[str, Any]:
+    """A ``state.*`` record as JSON-ready ``{"kind", "values"}``; only small config/metric records of plain values."""
+    if isinstance(record, ConfigRecord):
+        kind = "config"
+    elif isinstance(record, MetricRecord):
+        kind = "metric"
+    else:
+        raise InvalidReply(f"{name}: client state must be a config or metric record, got {type(record).__name__}")
+    size = record.count_bytes()
+    if size > CLIENT_STATE_LIMIT_BYTES:
+        raise InvalidReply(f"{name}: {size} bytes of client state exceeds the limit of {CLIENT_STATE_LIMIT_BYTES}")
+    values: dict[str, Any] = {}
+    for key, value in record.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, str | bool | int | float) for item in items):
+            raise InvalidReply(f"{name}.{key}: client state holds only strings, numbers and lists of them")
+        values[str(key)] = list(value) if isinstance(value, list) else value
+    return {"kind": kind, "values": values}
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _is_integer(value: Any) -> bool:
+    return _is_real(value) and math.isfinite(value) and float(value).is_integer()
 
 
 @dataclass(frozen=True)
@@ -63,13 +197,15 @@ class ReplyLimits:
 
     ``max_images`` and ``max_bytes`` bound what a client can make the server
     hold and train on; they come from the run's config (e.g. ``ipc *
-    num_classes`` images), not from the client.
+    num_classes`` images), not from the client. ``max_per_class`` (the IPC),
+    where set, bounds each class, so one class cannot take the whole budget.
     """
 
     num_classes: int
     image_shape: tuple[int, int, int]
     max_images: int
     max_bytes: int
+    max_per_class: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -78,6 +214,8 @@ class ReplyLimits:
             raise ValueError(f"ReplyLimits: image_shape must be three positive sizes (C, H, W), got {self.image_shape}")
         if self.max_images < 0 or self.max_bytes < 0:
             raise ValueError("ReplyLimits: max_images and max_bytes must be >= 0")
+        if self.max_per_class is not None and self.max_per_class < 0:
+            raise ValueError("ReplyLimits: max_per_class must be >= 0")
 
 
 def validate_set_arrays(
@@ -116,7 +254,7 @@ def validate_set_arrays(
     if n > limits.max_images:
         raise InvalidReply(f"images: {n} images exceeds the limit of {limits.max_images}")
     with np.errstate(all="ignore"):
-        _check_values(arrays, limits.num_classes)
+        _check_values(arrays, limits.num_classes, limits.max_per_class)
     if declared is not None:
         _check_declared(declared, n, total)
     soft = arrays.get("soft_labels")
@@ -165,7 +303,7 @@ def _check_shapes(arrays: Mapping[str, np.ndarray], limits: ReplyLimits) -> int:
     return n
 
 
-def _check_values(arrays: Mapping[str, np.ndarray], num_classes: int) -> None:
+def _check_values(arrays: Mapping[str, np.ndarray], num_classes: int, max_per_class: int | None) -> None:
     images, labels, counts = arrays["images"], arrays["labels"], arrays["source_counts"]
     if not np.isfinite(images).all():
         raise InvalidReply("images: contains NaN or infinite values")
@@ -178,6 +316,9 @@ def _check_values(arrays: Mapping[str, np.ndarray], num_classes: int) -> None:
     if (counts > SOURCE_COUNT_LIMIT).any():
         raise InvalidReply(f"source_counts: count above {SOURCE_COUNT_LIMIT}")
     per_class = np.bincount(labels, minlength=num_classes)
+    if max_per_class is not None and (per_class > max_per_class).any():
+        c = int(np.argmax(per_class))
+        raise InvalidReply(f"labels: class {c} has {int(per_class[c])} images, more than the {max_per_class} per class allowed")
     without_data = np.flatnonzero((per_class > 0) & (counts == 0))
     if without_data.size:
         raise InvalidReply(f"source_counts: class {int(without_data[0])} has images but no source data")

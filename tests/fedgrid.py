@@ -1,18 +1,20 @@
-"""An in-process Flower Grid for protocol tests: messages go straight to ``clients.app.train`` (no Ray, no network).
+"""An in-process Flower Grid for protocol tests: messages go straight to the ClientApp handlers (no Ray, no network).
 
-Shared by the federation tests; ``fake_task_identity`` lets messages be built
-outside a Flower run.
+Shared by the federation, baseline and reliability tests; ``fake_task_identity``
+lets messages be built outside a Flower run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
+from uuid import uuid4
 
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
+from clients.app import query as client_query
 from clients.app import train as client_train
 from fedistill.config import ExperimentConfig
 
@@ -29,12 +31,17 @@ def fake_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class LocalGrid:
-    """Delivers each message to ``clients.app.train`` with that node's lasting context.
+    """Delivers each message to the ClientApp's handlers with that node's lasting context.
 
-    ``tamper[node]`` edits (or, returning None, drops) that node's reply;
-    nodes in ``crash`` answer with an error reply, as a ClientApp that raised
-    does under Flower. Contexts carry an empty run config, as in the
-    in-process simulation: the experiment has to travel in the messages.
+    Replies are computed when a message is pushed and handed out by
+    ``pull_messages``, as the SuperLink would. ``tamper[node]`` edits (or,
+    returning None, drops) that node's reply; nodes in ``crash`` answer with an
+    error reply, as a ClientApp that raised does under Flower; nodes in
+    ``unavailable`` get the error the SuperLink sends for a node that stopped
+    heartbeating; nodes in ``hang`` never answer. Contexts carry an empty run
+    config, as in the in-process simulation: the experiment has to travel in
+    the messages. ``first_node`` sets the node ids (101, 102, ... by default),
+    so a "restarted" federation can get new ids for the same partitions.
     ``sent`` keeps every message, ``sent_config`` a copy of each message's
     config record as it was when sent (Flower's strategies reuse and mutate
     one record across messages and rounds).
@@ -46,12 +53,20 @@ class LocalGrid:
         num_nodes: int,
         tamper: dict[int, Tamper] | None = None,
         crash: Iterable[int] = (),
+        *,
+        hang: Iterable[int] = (),
+        unavailable: Iterable[int] = (),
+        first_node: int = 101,
     ) -> None:
-        self.nodes = list(range(101, 101 + num_nodes))
+        self.nodes = list(range(first_node, first_node + num_nodes))
         self.tamper = tamper or {}
         self.crash = set(crash)
+        self.hang = set(hang)
+        self.unavailable = set(unavailable)
         self.sent: list[Message] = []
         self.sent_config: list[dict[str, Any]] = []
+        self.replies: dict[str, Message] = {}
+        self.before_push: Callable[[list[Message]], None] | None = None
         self.contexts = {
             node: Context(
                 run_id=1,
@@ -66,18 +81,39 @@ class LocalGrid:
     def get_node_ids(self) -> list[int]:
         return self.nodes
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        if self.before_push is not None:
+            self.before_push(messages)
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            ids.append(message.metadata.message_id)
+            reply = self._deliver(message)
+            if reply is not None:
+                self.replies[message.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [self.replies.pop(message_id) for message_id in list(message_ids) if message_id in self.replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        ids = self.push_messages(messages)
+        return self.pull_messages(ids)
+
+    def _deliver(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        if message.metadata.message_type == MessageType.TRAIN:
             self.sent.append(message)
             self.sent_config.append(dict(message.content.config_records.get("config", {})))
-            node = message.metadata.dst_node_id
-            if node in self.crash:
-                replies.append(Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "node crashed"), reply_to=message))
-                continue
-            reply = client_train(message, self.contexts[node])
-            if node in self.tamper:
-                reply = self.tamper[node](reply)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+        if node in self.hang:
+            return None
+        if node in self.unavailable:
+            return Message(Error(ErrorCode.NODE_UNAVAILABLE, "node stopped heartbeating"), reply_to=message)
+        if node in self.crash:
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "node crashed"), reply_to=message)
+        handler = client_query if message.metadata.message_type == MessageType.QUERY else client_train
+        reply = handler(message, self.contexts[node])
+        if node in self.tamper and message.metadata.message_type == MessageType.TRAIN:
+            reply = self.tamper[node](reply)
+        return reply

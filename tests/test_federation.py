@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from fedgrid import LocalGrid, fake_task_identity
+from flwr.app import Array, ArrayRecord, Message
 
-from clients.app import train as client_train
 from fedistill.config import ExperimentConfig, parse_config
 from fedistill.synthetic import SyntheticSet
 from server.federation import NotEnoughClients, run_distillation, train_messages
@@ -19,12 +19,7 @@ from server.federation import NotEnoughClients, run_distillation, train_messages
 
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outside a Flower run, messages need the run identity that the ServerApp runtime would set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    fake_task_identity(monkeypatch)
 
 
 def small_config(tmp_path: Path, **federation: Any) -> ExperimentConfig:
@@ -40,44 +35,6 @@ def small_config(tmp_path: Path, **federation: Any) -> ExperimentConfig:
             "federation": {"min_clients": 2, **federation},
         }
     )
-
-
-class LocalGrid:
-    """Delivers each message to ``clients.app.train`` with that node's lasting context; ``tamper`` edits replies.
-
-    Contexts carry an empty run config, as in the in-process simulation: the
-    experiment has to travel in the messages.
-    """
-
-    def __init__(self, config: ExperimentConfig, num_nodes: int, tamper: dict[int, Any] | None = None) -> None:
-        self.nodes = list(range(101, 101 + num_nodes))
-        self.tamper = tamper or {}
-        self.sent: list[Message] = []
-        self.contexts = {
-            node: Context(
-                run_id=1,
-                node_id=node,
-                node_config={"partition-id": index, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for index, node in enumerate(self.nodes)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            node = message.metadata.dst_node_id
-            reply = client_train(message, self.contexts[node])
-            if node in self.tamper:
-                reply = self.tamper[node](reply)
-            if reply is not None:
-                replies.append(reply)
-        return replies
 
 
 def test_client_reply_carries_a_valid_set_and_metrics(tmp_path: Path) -> None:
@@ -117,8 +74,8 @@ def test_multi_round_sends_the_global_model_and_clients_continue_their_sets(tmp_
     assert metrics["rounds"][0]["download_bytes"] == 0 and metrics["rounds"][1]["download_bytes"] > 0
     assert all(0.2 < r["accuracy"] <= 1.0 for r in metrics["rounds"])
     assert [r["cumulative_upload_bytes"] for r in metrics["rounds"]][-1] == metrics["upload_bytes"]
-    first = SyntheticSet.load(run_dir / "round-001" / "node-101.safetensors")
-    third = SyntheticSet.load(run_dir / "round-003" / "node-101.safetensors")
+    first = SyntheticSet.load(run_dir / "round-001" / "partition-0000.safetensors")
+    third = SyntheticSet.load(run_dir / "round-003" / "partition-0000.safetensors")
     assert torch.equal(first.labels, third.labels) and not torch.equal(first.images, third.images)
     aggregate = SyntheticSet.load(run_dir / "aggregate.safetensors")
     assert aggregate.soft_labels is not None and torch.allclose(aggregate.soft_labels.sum(1), torch.ones(len(aggregate)))
@@ -150,7 +107,8 @@ def missing_set(reply: Message) -> Message:
     [(nan_images, "finite"), (labels_out_of_range, "labels"), (missing_set, "lacks"), (lambda reply: None, None)],
 )
 def test_bad_or_missing_reply_is_left_out_and_the_round_completes(tmp_path: Path, tamper: Any, reason: str) -> None:
-    config = small_config(tmp_path, aggregation="class-weighted")
+    # straggler_timeout_s = 0: once two valid sets are in, a silent node is not waited for.
+    config = small_config(tmp_path, aggregation="class-weighted", straggler_timeout_s=0.0)
     run_dir = run_distillation(LocalGrid(config, 3, {103: tamper}), config)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (record,) = metrics["rounds"]

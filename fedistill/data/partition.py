@@ -331,6 +331,8 @@ def plot_partition_counts(counts: np.ndarray, class_names: Sequence[str], path: 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from fedistill.atomic import save_figure
+
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape[1] != len(class_names):
         raise ValueError(f"counts must be (clients, {len(class_names)}), got shape {counts.shape}")
@@ -356,6 +358,4 @@ def plot_partition_counts(counts: np.ndarray, class_names: Sequence[str], path: 
             colour = "white" if value > peak / 2 else "black"
             ax.text(column, row, str(int(value)), ha="center", va="center", color=colour, fontsize=fontsize)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, Path(path))
