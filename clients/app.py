@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from clients.fit import fit_partition
+from clients.private import fit_private, train_private
 from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData, client_data, load_dataset, partition_dataset
 from fedistill.device import pick_device
@@ -25,6 +26,7 @@ from fedistill.distill import get_distiller
 from fedistill.distill.embedding import perturbed_copies
 from fedistill.messages import PROXIMAL_MU, ROUND, TASK, read_experiment, record_to_state, state_to_record
 from fedistill.models import build_model
+from fedistill.privacy import PrivateData
 from fedistill.synthetic import SyntheticSet
 
 app = ClientApp()
@@ -69,12 +71,14 @@ def distill_partition(
     seed: int,
     global_state: dict[str, torch.Tensor] | None = None,
     start: SyntheticSet | None = None,
+    privacy: PrivateData | None = None,
 ) -> tuple[SyntheticSet, dict[str, Any]]:
     """Distill one client's data; returns the set and the metrics its reply carries.
 
     With ``global_state`` the matching networks are perturbed copies of the
     global model (FedDM) instead of random ones; with ``start`` the images
-    continue from the node's previous set.
+    continue from the node's previous set. A private method gets ``privacy``;
+    its set's ``source_counts`` (and so ``num-examples``) are the released noisy counts.
     """
     images = data.normalized(device)
     labels = torch.from_numpy(data.labels).to(device)
@@ -90,13 +94,14 @@ def distill_partition(
         device,
         networks=networks,
         start=start if method.refines else None,
+        **({} if privacy is None else {"privacy": privacy}),
     )
     started = time.perf_counter()
     syn = distiller(images, labels, data.info.num_classes, seed=seed)
     seconds = time.perf_counter() - started
     metrics = {
         "num-images": len(syn),
-        "num-examples": len(data),
+        "num-examples": int(syn.source_counts.sum()),
         "bytes": syn.nbytes(),
         "seconds": seconds,
         "source-counts": [int(c) for c in syn.source_counts],
@@ -118,6 +123,8 @@ def train(msg: Message, context: Context) -> Message:
     data = load_partition(config, partition_id, num_partitions)
     seed = config.seed * 1_000_003 + partition_id * 1009 + server_round
     device = pick_device(config.device)
+    if config.privacy.enabled:
+        return _train_private(msg, context, config, control, data, server_round, seed, device)
     if control[TASK] == "fit":
         global_state = record_to_state(msg.content.array_records["arrays"])
         state, metrics = fit_partition(
@@ -142,6 +149,46 @@ def train(msg: Message, context: Context) -> Message:
         context.state[PREVIOUS_SET] = arrays
     content = RecordDict({"set": arrays, "metrics": MetricRecord({**metrics, "partition-id": partition_id})})
     return Message(content, reply_to=msg)
+
+
+def _train_private(
+    msg: Message,
+    context: Context,
+    config: ExperimentConfig,
+    control: dict[str, Any],
+    data: ImageData,
+    server_round: int,
+    seed: int,
+    device: torch.device,
+) -> Message:
+    """The same two tasks under the node's privacy budget (``clients.private``); refusals reply without a result."""
+    if control[TASK] == "fit":
+        global_state = record_to_state(msg.content.array_records["arrays"])
+
+        def fit(privacy: PrivateData) -> tuple[dict[str, ArrayRecord], dict[str, Any]]:
+            state, metrics = fit_private(config, data, global_state, device, privacy)
+            return {"arrays": state_to_record(state)}, metrics
+
+        return train_private(msg, context, config, data, server_round, seed, fit)
+    global_record = msg.content.array_records.get("global")
+    previous = context.state.array_records.get(PREVIOUS_SET) if global_record is not None else None
+
+    def distill(privacy: PrivateData) -> tuple[dict[str, ArrayRecord], dict[str, Any]]:
+        syn, metrics = distill_partition(
+            config,
+            data,
+            device,
+            seed,
+            global_state=None if global_record is None else record_to_state(global_record),
+            start=None if previous is None else SyntheticSet.from_arrays(_numpy(previous), data.info.num_classes),
+            privacy=privacy,
+        )
+        arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
+        if global_record is not None:
+            context.state[PREVIOUS_SET] = arrays
+        return {"set": arrays}, metrics
+
+    return train_private(msg, context, config, data, server_round, seed, distill)
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

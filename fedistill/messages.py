@@ -14,6 +14,10 @@ Train messages ask for one of two tasks:
 - ``fit``: the FedAvg/FedProx baselines; ``arrays`` holds the global weights,
   the reply holds the locally trained weights (``arrays``) and ``metrics`` with
   ``num-examples``. Flower's strategies add ``proximal-mu`` for FedProx.
+
+In a private run every reply also holds a ``privacy`` ConfigRecord, and a
+node whose budget would not cover the round replies with only ``metrics``
+(``refused = 1``) and that record (``clients.private``, ``server.privacy``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ TASK = "task"
 ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
 TASKS = ("distill", "fit")
+
+PRIVACY_RECORD = "privacy"
+"""Reply ConfigRecord of a private run: epsilon so far, delta, accountant, adjacency, the node's ledger, a refusal."""
+REFUSED = "refused"
+"""Reply metric: 1 when the node refused the round because it would exceed its privacy budget (no result then)."""
 CONTROL_KEYS = (TASK, ROUND, PROXIMAL_MU)
 
 

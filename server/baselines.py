@@ -48,6 +48,7 @@ from fedistill.runs import create_run_dir, save_config
 from fedistill.training import evaluate_model
 from server.federation import GridLike, NotEnoughClients, fresh_model, wait_for_nodes
 from server.history import RoundRecord, RunHistory, write_history
+from server.privacy import PrivacyRecorder, read_privacy, refusal_reason
 from server.validation import InvalidReply
 
 log = logging.getLogger("fedistill.server")
@@ -70,6 +71,11 @@ class RoundLedger:
     rejected: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     client_seconds: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+class BudgetExhausted(NotEnoughClients):
+    """Too few replies because nodes refused for their privacy budget: the run ends with the last global model."""
 
 
 class ArraySpec(dict[str, tuple[tuple[int, ...], np.dtype]]):
@@ -136,9 +142,19 @@ class _Harness:
 
     arrayrecord_key: str
 
-    def __init__(self, *, spec: ArraySpec, min_clients: int, max_reply_bytes: int, **strategy: Any) -> None:
-        """``spec`` describes the global model's arrays; ``strategy`` goes to the Flower strategy unchanged."""
+    def __init__(
+        self,
+        *,
+        spec: ArraySpec,
+        min_clients: int,
+        max_reply_bytes: int,
+        privacy: PrivacyRecorder | None = None,
+        **strategy: Any,
+    ) -> None:
+        """``spec`` describes the global model's arrays; ``privacy`` records DP-FedAvg ledgers and refusals;
+        ``strategy`` goes to the Flower strategy unchanged."""
         super().__init__(**strategy)
+        self.privacy = privacy
         self.spec = spec
         self.min_clients = min_clients
         self.max_reply_bytes = max_reply_bytes
@@ -175,6 +191,14 @@ class _Harness:
                     ledger.rejected[node] = f"client error {reply.error.code}: {reply.error.reason}"
                     kept.append(reply)
                     continue
+                refusal = refusal_reason(reply)
+                client = None if self.privacy is None else read_privacy(reply, self.privacy.plan)
+                if client is not None and self.privacy is not None:
+                    self.privacy.observe(server_round, node, client)
+                if refusal is not None:
+                    log.info("round %d: node %s refused: %s", server_round, node, refusal)
+                    ledger.refused[node] = refusal
+                    continue
                 metrics = check_fit_reply(reply, self.spec, self.arrayrecord_key, self.max_reply_bytes)
             except InvalidReply as reason:
                 log.warning("round %d: rejected reply from node %s: %s", server_round, node, reason)
@@ -190,7 +214,8 @@ class _Harness:
         for node in ledger.missing:
             log.warning("round %d: no reply from node %s", server_round, node)
         if len(ledger.accepted) < self.min_clients:
-            raise NotEnoughClients(
+            error = BudgetExhausted if ledger.refused else NotEnoughClients
+            raise error(
                 f"round {server_round}: {len(ledger.accepted)} valid replies, "
                 f"need federation.min_clients = {self.min_clients}"
             )
@@ -283,6 +308,8 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
         "min_train_nodes": federation.min_clients,
         "min_available_nodes": federation.min_clients,
     }
+    privacy = PrivacyRecorder.start(config, console)
+    common["privacy"] = privacy
     strategy: HarnessFedAvg | HarnessFedProx
     if federation.protocol == "fedprox":
         strategy = HarnessFedProx(**common, proximal_mu=federation.proximal_mu)
@@ -308,6 +335,7 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
             seconds=time.perf_counter() - ledger.started,
             accepted=len(ledger.accepted),
             rejected=dict(ledger.rejected),
+            refused=dict(ledger.refused),
             missing=list(ledger.missing),
             client_seconds=dict(ledger.client_seconds),
         )
@@ -316,6 +344,9 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
             f"round {server_round}/{federation.rounds}: {record.accepted}/{len(ledger.asked)} replies averaged, "
             f"accuracy {100 * accuracy:.2f}%, {record.seconds:.1f} s"
         )
+        line = None if privacy is None else privacy.round_line(server_round)
+        if line is not None:
+            console.print(line, markup=False, highlight=False)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     def summary(status: str, **extra: Any) -> dict[str, Any]:
@@ -331,6 +362,7 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
             "initial": state["initial"],
             "final_accuracy": history.final_accuracy() if history.rounds else None,
             "device": str(device),
+            **({} if privacy is None else {"privacy": privacy.summary()}),
             **extra,
         }
 
@@ -339,6 +371,7 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
         f"{federation.protocol}: {federation.rounds} rounds over {len(nodes)} nodes, "
         f"{federation.local_epochs} local epochs each, {model_bytes:,} bytes per model"
     )
+    stopped: dict[str, str] = {}
     try:
         with _python_random(config.seed):
             strategy.start(
@@ -349,6 +382,15 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
                 train_config=experiment_record(config, "fit"),
                 evaluate_fn=evaluate_fn,
             )
+    except BudgetExhausted as error:
+        if not history.rounds:
+            _write_privacy(privacy, run_dir, console)
+            write_history(run_dir, history, summary("failed", failed_round=1, reason=str(error),
+                                                    refused=strategy.ledger.refused))
+            raise
+        stopped["stopped_early"] = f"{error}; the run ends after round {len(history.rounds)}"
+        log.warning(stopped["stopped_early"])
+        console.print(stopped["stopped_early"], markup=False, highlight=False)
     except NotEnoughClients as error:
         failed_round = len(history.rounds) + 1
         write_history(run_dir, history, summary("failed", failed_round=failed_round, reason=str(error),
@@ -356,10 +398,17 @@ def run_baseline(grid: GridLike, config: ExperimentConfig, console: Console | No
         raise
     final = record_to_state(state["arrays"])
     save_file({key: value.contiguous() for key, value in final.items()}, str(run_dir / "global_model.safetensors"))
-    result = summary("completed")
+    result = summary("completed", **stopped)
     write_history(run_dir, history, result)
     console.print(_summary_table(result, run_dir))
+    _write_privacy(privacy, run_dir, console)
     return run_dir
+
+
+def _write_privacy(privacy: PrivacyRecorder | None, run_dir: Path, console: Console) -> None:
+    if privacy is not None:
+        privacy.write(run_dir)
+        console.print(privacy.final_line(), markup=False, highlight=False)
 
 
 def _summary_table(summary: dict[str, Any], run_dir: Path) -> Table:

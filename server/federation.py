@@ -28,12 +28,14 @@ from fedistill.device import pick_device
 from fedistill.distill import get_distiller
 from fedistill.messages import experiment_record, state_to_record
 from fedistill.models import build_model
+from fedistill.privacy import PrivacyPlan
 from fedistill.report import save_class_grids
 from fedistill.runs import create_run_dir, save_config
 from fedistill.synthetic import SyntheticSet
 from fedistill.training import TrainSettings, evaluate_model, evaluate_set, train_model
 from server.aggregation import AggregationContext, ClientSet, get_aggregator
 from server.history import RoundRecord, RunHistory, write_history
+from server.privacy import ClientPrivacy, PrivacyRecorder, read_privacy, refusal_reason
 from server.validation import InvalidReply, ReplyLimits, validate_set_arrays
 
 log = logging.getLogger("fedistill.server")
@@ -51,11 +53,13 @@ class GridLike(Protocol):
 
 @dataclass
 class RoundOutcome:
-    """Accepted client sets, and why the others were left out (node id -> reason)."""
+    """Accepted client sets, why the others were left out (node id -> reason), refusals and privacy records."""
 
     accepted: list[ClientSet] = field(default_factory=list)
     client_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
 
 
 class NotEnoughClients(RuntimeError):
@@ -104,12 +108,19 @@ def read_reply(reply: Message, limits: ReplyLimits) -> tuple[SyntheticSet, dict[
     return validate_set_arrays(arrays, limits, declared), metrics
 
 
-def collect(replies: list[Message], limits: ReplyLimits) -> RoundOutcome:
-    """Sort replies into accepted sets and logged rejections."""
+def collect(replies: list[Message], limits: ReplyLimits, plan: PrivacyPlan | None = None) -> RoundOutcome:
+    """Sort replies into accepted sets, logged rejections and budget refusals; with a ``plan``, read privacy records."""
     outcome = RoundOutcome()
     for reply in replies:
         node = str(reply.metadata.src_node_id)
         try:
+            if plan is not None and not reply.has_error():
+                outcome.privacy[node] = read_privacy(reply, plan)
+            refusal = refusal_reason(reply)
+            if refusal is not None:
+                log.info("node %s refused the round: %s", node, refusal)
+                outcome.refused[node] = refusal
+                continue
             syn, metrics = read_reply(reply, limits)
         except InvalidReply as reason:
             log.warning("rejected reply from node %s: %s", node, reason)
@@ -155,9 +166,11 @@ def run_distillation(grid: GridLike, config: ExperimentConfig, console: Console 
     limits = reply_limits(config, test)
     settings = TrainSettings.from_config(config.eval, config.data.name)
     history = RunHistory(federation.protocol)
+    privacy = PrivacyRecorder.start(config, console)
     nodes = wait_for_nodes(grid, federation.min_clients, federation.round_timeout_s)
     global_model: torch.nn.Module | None = None
     evaluation: dict[str, Any] | None = None
+    stopped: str | None = None
     for server_round in range(1, federation.rounds + 1):
         global_record = None if global_model is None else state_to_record(global_model.state_dict())
         console.print(
@@ -168,13 +181,25 @@ def run_distillation(grid: GridLike, config: ExperimentConfig, console: Console 
         started = time.perf_counter()
         messages = train_messages(nodes, config, server_round, global_record)
         replies = list(grid.send_and_receive(messages, timeout=federation.round_timeout_s))
-        outcome = collect(replies, limits)
+        outcome = collect(replies, limits, None if privacy is None else privacy.plan)
+        if privacy is not None:
+            for node, client in outcome.privacy.items():
+                privacy.observe(server_round, node, client)
         missing = sorted(set(map(str, nodes)) - {str(r.metadata.src_node_id) for r in replies})
         for node in missing:
             log.warning("no reply from node %s within %.0f s", node, federation.round_timeout_s)
+        if len(outcome.accepted) < federation.min_clients and outcome.refused and global_model is not None:
+            stopped = (f"round {server_round}: {len(outcome.refused)} node(s) refused (privacy budget spent), "
+                       f"{len(outcome.accepted)} valid sets; the run ends after round {server_round - 1}")
+            log.warning(stopped)
+            console.print(stopped, markup=False, highlight=False)
+            break
         if len(outcome.accepted) < federation.min_clients:
+            if privacy is not None:
+                privacy.write(run_dir)
             write_history(run_dir, history, {"status": "failed", "failed_round": server_round,
-                                             "rejected": outcome.rejected, "missing": missing})
+                                             "rejected": outcome.rejected, "refused": outcome.refused,
+                                             "missing": missing})
             raise NotEnoughClients(
                 f"round {server_round}: {len(outcome.accepted)} valid sets, "
                 f"need federation.min_clients = {federation.min_clients}"
@@ -218,6 +243,7 @@ def run_distillation(grid: GridLike, config: ExperimentConfig, console: Console 
             seconds=seconds,
             accepted=len(outcome.accepted),
             rejected=outcome.rejected,
+            refused=outcome.refused,
             missing=missing,
             client_seconds={node: float(m.get("seconds", 0.0)) for node, m in outcome.client_metrics.items()},
         )
@@ -226,6 +252,9 @@ def run_distillation(grid: GridLike, config: ExperimentConfig, console: Console 
             f"round {server_round}: {record.accepted}/{len(nodes)} sets, {len(aggregate_set)} images, "
             f"accuracy {100 * accuracy:.2f}%, {seconds:.0f} s"
         )
+        line = None if privacy is None else privacy.round_line(server_round)
+        if line is not None:
+            console.print(line, markup=False, highlight=False)
     assert global_model is not None
     save_file({k: v.detach().cpu().contiguous() for k, v in global_model.state_dict().items()},
               str(run_dir / "global_model.safetensors"))
@@ -243,9 +272,14 @@ def run_distillation(grid: GridLike, config: ExperimentConfig, console: Console 
         "final_accuracy": history.final_accuracy(),
         "eval": evaluation,
         "device": str(device),
+        **({} if stopped is None else {"stopped_early": stopped}),
+        **({} if privacy is None else {"privacy": privacy.summary()}),
     }
     write_history(run_dir, history, summary)
     console.print(_summary(summary, run_dir))
+    if privacy is not None:
+        privacy.write(run_dir)
+        console.print(privacy.final_line(), markup=False, highlight=False)
     return run_dir
 
 
@@ -275,7 +309,10 @@ def _aggregation_context(config: ExperimentConfig, test: ImageData, device: torc
 
     def redistill(images: torch.Tensor, labels: torch.Tensor, ipc: int) -> SyntheticSet:
         settings = replace(config.distill.settings(config.data.name), ipc=ipc)
-        distiller = get_distiller(config.distill.method)(config.model.spec(), settings, device)
+        method = get_distiller(config.distill.method)
+        if method.private:  # the client sets are already public: re-distilling them needs no privacy
+            method = get_distiller(method.public_counterpart(settings))  # type: ignore[attr-defined]
+        distiller = method(config.model.spec(), settings, device)
         return distiller(images, labels, num_classes, seed=config.seed)
 
     return AggregationContext(

@@ -32,6 +32,8 @@ class RoundRecord:
     rejected: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     client_seconds: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    """Nodes that declined the round because it would exceed their privacy budget (not malformed replies)."""
 
 
 @dataclass
