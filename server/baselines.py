@@ -215,8 +215,9 @@ class _Harness:
             log.warning("round %d: no reply from node %s", server_round, node)
         if len(ledger.accepted) < self.min_clients:
             error = BudgetExhausted if ledger.refused else NotEnoughClients
+            refused = f", {len(ledger.refused)} node(s) refused (privacy budget spent)" if ledger.refused else ""
             raise error(
-                f"round {server_round}: {len(ledger.accepted)} valid replies, "
+                f"round {server_round}: {len(ledger.accepted)} valid replies{refused}, "
                 f"need federation.min_clients = {self.min_clients}"
             )
         _same_metric_keys([reply for reply in kept if not reply.has_error()], accepted_metrics)

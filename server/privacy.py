@@ -114,6 +114,14 @@ class PrivacyRecorder:
             markup=False,
             highlight=False,
         )
+        planned = plan.planned_epsilon().value
+        if planned > plan.target_epsilon:
+            console.print(
+                f"privacy: the planned run would spend epsilon {planned:.4g} > privacy.target_epsilon = "
+                f"{plan.target_epsilon:g}; nodes will refuse the rounds their budget does not cover",
+                markup=False,
+                highlight=False,
+            )
         return cls(plan)
 
     def observe(self, server_round: int, node: str, client: ClientPrivacy) -> None:
