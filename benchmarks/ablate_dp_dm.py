@@ -26,7 +26,9 @@ from fedistill.training import TrainSettings, evaluate_set
 class RawEmbeddings(PrivateDistributionMatching):
     """The alternative: clip each raw embedding (and, identically, the synthetic ones) and match class means."""
 
-    def matching_loss(self, syn_features, syn_sizes, features, slot_of_row, mechanism, expected):  # type: ignore[no-untyped-def]
+    def matching_loss(  # type: ignore[no-untyped-def]
+        self, syn_features, syn_sizes, features, slot_of_row, mechanism, expected
+    ):
         clip = self.privacy.clip_norm
         sums = clipped_class_sums(features, slot_of_row, len(syn_sizes), clip)
         real_means = (mechanism.release(sums, self.privacy.sample_rate) / expected).float()

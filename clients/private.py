@@ -94,7 +94,8 @@ def train_private(
     refusal = check_round(plan, ledger, server_round)
     if refusal is not None:
         metrics, record = privacy_content(ledger, refusal)
-        content = RecordDict({"metrics": MetricRecord({**metrics, "partition-id": partition_id}), PRIVACY_RECORD: record})
+        reply = MetricRecord({**metrics, "partition-id": partition_id})
+        content = RecordDict({"metrics": reply, PRIVACY_RECORD: record})
         return Message(content, reply_to=msg)
     try:
         privacy = open_round(

@@ -77,9 +77,9 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     images = train.normalized(device)
     labels = torch.from_numpy(train.labels).to(device)
     ledger, privacy = _private_round(cfg, train.labels, info.num_classes)
-    distiller = get_distiller(cfg.distill.method)(
-        cfg.model.spec(), cfg.distill.settings(cfg.data.name), device, **({} if privacy is None else {"privacy": privacy})
-    )
+    private = {} if privacy is None else {"privacy": privacy}
+    distill_settings = cfg.distill.settings(cfg.data.name)
+    distiller = get_distiller(cfg.distill.method)(cfg.model.spec(), distill_settings, device, **private)
     iterations: list[int] = []
     losses: list[float] = []
     started = time.perf_counter()

@@ -22,7 +22,7 @@ from scipy.stats import beta
 
 import fedistill.privacy.mechanisms as mechanisms
 from fedistill.config import ConfigError, parse_config
-from fedistill.data import ImageData, load_dataset
+from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, get_distiller
 from fedistill.distill.embedding import random_network
 from fedistill.models import ModelSpec, build_model
@@ -270,7 +270,8 @@ def test_private_set_uses_released_counts_and_passes_server_validation(digits_tr
          "distill.method 'dm' is not differentially private; allowed with privacy.enabled: dp-dm, dp-gm"),
         ({"distill": {"method": "dp-dm", "init": "noise"}}, "distill.method 'dp-dm' needs privacy.enabled = true"),
         ({"privacy": {"enabled": True}, "distill": {"method": "dp-dm"}}, "distill.init 'real'"),
-        ({"privacy": {"enabled": True}, "distill": {"method": "dp-gm", "init": "noise"}, "model": {"norm": "batchnorm"}},
+        ({"privacy": {"enabled": True}, "distill": {"method": "dp-gm", "init": "noise"},
+          "model": {"norm": "batchnorm"}},
          "model.norm 'batchnorm'"),
         ({"privacy": {"enabled": True}, "federation": {"protocol": "fedprox"}},
          "allowed with privacy.enabled: one-shot, multi-round, fedavg"),

@@ -95,7 +95,8 @@ class PrivateGradientMatching(PrivateDistiller):
                 loss = syn.new_zeros(())
                 for slot, cls in enumerate(present):
                     target = torch.full((len(mine[slot]),), cls, device=self.device)
-                    syn_grads = torch.autograd.grad(F.cross_entropy(net(mine[slot]), target), parameters, create_graph=True)
+                    syn_loss = F.cross_entropy(net(mine[slot]), target)
+                    syn_grads = torch.autograd.grad(syn_loss, parameters, create_graph=True)
                     loss = loss + gradient_distance(list(syn_grads), _unflatten(real_grads[slot], shapes))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -109,9 +110,8 @@ class PrivateGradientMatching(PrivateDistiller):
                 progress(iteration + 1, settings.iterations, loss_value / outer_loop)
         if present:
             self.check_releases(mechanism.releases)
-        return self.private_set(
-            syn, budgets, num_classes, {"iterations": settings.iterations, "dsa": settings.dsa, "outer_loop": outer_loop}
-        )
+        provenance = {"iterations": settings.iterations, "dsa": settings.dsa, "outer_loop": outer_loop}
+        return self.private_set(syn, budgets, num_classes, provenance)
 
     def _record_gradients(
         self,

@@ -61,7 +61,7 @@ class PrivateDistiller(Distiller):
     def initial_set(
         self, image_shape: torch.Size | tuple[int, ...], budgets: np.ndarray, generator: torch.Generator
     ) -> torch.Tensor:
-        """Starting images by class: the previous (private, so public) set, else N(0, 1) noise; no private image in reach."""
+        """Starting images by class: the previous (already private) set, else N(0, 1) noise; never private images."""
         if self.start is not None:
             if not np.array_equal(self.start.images_per_class(), budgets):
                 raise ValueError(
@@ -69,7 +69,8 @@ class PrivateDistiller(Distiller):
                     f"the released counts give {budgets.tolist()}"
                 )
             if tuple(self.start.images.shape[1:]) != tuple(image_shape):
-                raise ValueError(f"start set images are {tuple(self.start.images.shape[1:])}, data {tuple(image_shape)}")
+                shape = tuple(self.start.images.shape[1:])
+                raise ValueError(f"start set images are {shape}, data {tuple(image_shape)}")
             order = torch.argsort(self.start.labels.cpu(), stable=True)
             return self.start.images[order].to(self.device, torch.float32).detach().clone()
         noise = torch.randn((int(budgets.sum()), *image_shape), generator=generator)

@@ -169,7 +169,9 @@ def calibrate_noise_multiplier(
     while high_eps > target_epsilon:
         low, high = high, 2 * high
         if high > MAX_NOISE_MULTIPLIER:
-            raise BudgetTooSmall(f"privacy.target_epsilon = {target_epsilon} needs noise beyond {MAX_NOISE_MULTIPLIER:g}")
+            raise BudgetTooSmall(
+                f"privacy.target_epsilon = {target_epsilon} needs noise beyond {MAX_NOISE_MULTIPLIER:g}"
+            )
         high_eps = spent(high).value
     while target_epsilon - high_eps > tolerance:
         middle = (low + high) / 2

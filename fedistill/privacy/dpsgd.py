@@ -42,7 +42,9 @@ def dp_sgd(
     ``dp-sgd`` releases at ``(noise_multiplier, sample_rate)``.
     """
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError("model.norm: batchnorm mixes records, DP-SGD needs per-record gradients; allowed: instancenorm")
+        raise ValueError(
+            "model.norm: batchnorm mixes records, DP-SGD needs per-record gradients; allowed: instancenorm, groupnorm"
+        )
     device = next(model.parameters()).device
     loader = DPDataLoader(
         TensorDataset(images.cpu(), labels.cpu()), sample_rate=privacy.sample_rate, generator=privacy.generator
@@ -69,6 +71,7 @@ def dp_sgd(
     per_record.remove_hooks()
     steps = 0
     for noise_multiplier, sample_rate, count in accountant.history:
-        privacy.ledger.record(Access(DP_SGD, float(noise_multiplier), float(sample_rate), int(count), privacy.server_round))
+        access = Access(DP_SGD, float(noise_multiplier), float(sample_rate), int(count), privacy.server_round)
+        privacy.ledger.record(access)
         steps += int(count)
     return steps

@@ -64,7 +64,8 @@ class PrivacyLedger:
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"privacy.accountant: unknown value {self.accountant!r}; allowed: {', '.join(ACCOUNTANTS)}")
+            allowed = ", ".join(ACCOUNTANTS)
+            raise ValueError(f"privacy.accountant: unknown value {self.accountant!r}; allowed: {allowed}")
         if not 0 < self.delta < 1:
             raise ValueError(f"privacy.delta must be in (0, 1), got {self.delta}")
 

@@ -76,7 +76,7 @@ class PrivateData:
                                  self.server_round)
 
     def budgets(self, ipc: int) -> np.ndarray:
-        """Synthetic images per class: ``min(ipc, count)``, none where the released count is below ``min_class_count``."""
+        """Synthetic images per class: ``min(ipc, count)``; none if the released count is under ``min_class_count``."""
         budgets = np.minimum(self.counts, ipc).astype(np.int64)
         budgets[self.counts < max(self.min_class_count, 1)] = 0
         return budgets
