@@ -353,3 +353,16 @@ def test_membership_audit_of_a_dp_set_stays_within_the_epsilon_bound(digits_trai
     private_tpr, private_bound = _audit_epsilon(syn.images, members, others, 1e-5)
     assert private_tpr <= math.exp(spent) * 0.01 + 1e-5 + 0.03  # sampling slack for 300 members
     assert private_bound <= spent
+
+
+def test_shipped_private_configs_are_valid_and_plan_within_their_target() -> None:
+    from pathlib import Path
+
+    from fedistill.config import load_config
+
+    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/*dp*.toml"))
+    assert paths, "configs/fed-dp-dm.toml is documented in README.md"
+    for path in paths:
+        config = load_config(path)
+        assert config.privacy.enabled and not config.privacy.reproducible
+        assert plan_privacy(config).planned_epsilon().value <= config.privacy.target_epsilon
