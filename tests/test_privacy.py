@@ -360,7 +360,7 @@ def test_shipped_private_configs_are_valid_and_plan_within_their_target() -> Non
 
     from fedistill.config import load_config
 
-    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/*dp*.toml"))
+    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/*-dp-*.toml"))
     assert paths, "configs/fed-dp-dm.toml is documented in README.md"
     for path in paths:
         config = load_config(path)
