@@ -61,6 +61,7 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
             "local_epochs": args.local_epochs,
             "local_lr": args.lr,
             "min_clients": 8,
+            "round_timeout_s": 7200.0,
         }
     else:
         distill: dict[str, Any] = {"method": args.method, "ipc": 10, "iterations": args.iterations, "init": "noise",
@@ -70,7 +71,8 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
         if args.method == "dp-gm":
             distill.update(outer_loop=args.outer_loop, inner_loop=args.inner_loop)
         values["distill"] = distill
-        values["federation"] = {"protocol": "one-shot", "aggregation": args.aggregation, "min_clients": 8}
+        values["federation"] = {"protocol": "one-shot", "aggregation": args.aggregation, "min_clients": 8,
+                                "round_timeout_s": 7200.0}
     return parse_config(values)
 
 
