@@ -185,8 +185,9 @@ class PrivacyConfig(_Section):
     rounds' releases) ends at ``target_epsilon`` under ``accountant``.
     ``min_class_count``: classes whose released count is below it get no
     images. ``reproducible`` seeds sampling and noise from ``seed`` (tests and
-    benchmarks only: whoever knows the seed can remove the noise).
-    See docs/privacy.md.
+    benchmarks only: whoever knows the seed can remove the noise). Private
+    work samples with ``sample_rate``, so ``distill.batch_real`` and
+    ``federation.local_batch`` are not used. See docs/privacy.md.
     """
 
     enabled: bool = False
