@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from clients.fit import fit_partition
+from clients.private import LEDGER_KEY, fit_private, train_private
 from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData, client_data, load_dataset, partition_dataset
 from fedistill.device import pick_device
@@ -39,6 +40,7 @@ from fedistill.messages import (
     state_to_record,
 )
 from fedistill.models import build_model
+from fedistill.privacy import PrivateData
 from fedistill.synthetic import SyntheticSet
 
 app = ClientApp()
@@ -83,12 +85,14 @@ def distill_partition(
     seed: int,
     global_state: dict[str, torch.Tensor] | None = None,
     start: SyntheticSet | None = None,
+    privacy: PrivateData | None = None,
 ) -> tuple[SyntheticSet, dict[str, Any]]:
     """Distill one client's data; returns the set and the metrics its reply carries.
 
     With ``global_state`` the matching networks are perturbed copies of the
     global model (FedDM) instead of random ones; with ``start`` the images
-    continue from the node's previous set.
+    continue from the node's previous set. A private method gets ``privacy``;
+    its set's ``source_counts`` (and so ``num-examples``) are the released noisy counts.
     """
     images = data.normalized(device)
     labels = torch.from_numpy(data.labels).to(device)
@@ -104,13 +108,14 @@ def distill_partition(
         device,
         networks=networks,
         start=start if method.refines else None,
+        **({} if privacy is None else {"privacy": privacy}),
     )
     started = time.perf_counter()
     syn = distiller(images, labels, data.info.num_classes, seed=seed)
     seconds = time.perf_counter() - started
     metrics = {
         "num-images": len(syn),
-        "num-examples": len(data),
+        "num-examples": int(syn.source_counts.sum()),
         "bytes": syn.nbytes(),
         "seconds": seconds,
         "source-counts": [int(c) for c in syn.source_counts],
@@ -118,16 +123,17 @@ def distill_partition(
     return syn, metrics
 
 
-KEPT_BY_SERVER: tuple[str, ...] = ()
+KEPT_BY_SERVER: tuple[str, ...] = (LEDGER_KEY,)
 """``context.state`` keys (config or metric records) the server keeps for this node and gives back after a restart.
 
 Each reply carries them as ``state.<key>`` records; the server stores the
 latest accepted copy per partition in its checkpoint and returns it as
 ``restore.<key>`` to a node that starts without it (``fedistill.messages``).
 The previous set is not listed: the server rebuilds it from the accepted set.
-State that must survive a server resume or a node restart (e.g. a per-client
-privacy ledger) is added here; records are limited to small plain values
-(``server.validation.check_client_state``).
+The privacy ledger is listed: a node restarted, or every node of a resumed
+run, continues from the ledger of its last accepted reply, and charges the
+rounds after it in full (``clients.private.train_private``). Records are
+limited to small plain values (``server.validation.check_client_state``).
 """
 
 
@@ -147,6 +153,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run the task the server asked for (see ``fedistill.messages``) on this node's partition."""
+    own_ledger = LEDGER_KEY in context.state
     restore_into(msg.content, context.state)
     config, control = read_experiment(msg.content["config"])
     partition_id = int(context.node_config["partition-id"])
@@ -155,6 +162,9 @@ def train(msg: Message, context: Context) -> Message:
     data = load_partition(config, partition_id, num_partitions)
     seed = config.seed * 1_000_003 + partition_id * 1009 + server_round
     device = pick_device(config.device)
+    if config.privacy.enabled:
+        reply = _train_private(msg, context, config, control, data, server_round, seed, device, own_ledger)
+        return _with_kept_state(reply, context)
     if control[TASK] == "fit":
         global_state = record_to_state(msg.content.array_records["arrays"])
         state, metrics = fit_partition(
@@ -179,10 +189,56 @@ def train(msg: Message, context: Context) -> Message:
         context.state[PREVIOUS_SET] = arrays
     metrics = {**metrics, PARTITION_ID: partition_id, CONTINUED: int(previous is not None)}
     content = RecordDict({"set": arrays, "metrics": MetricRecord(metrics)})
+    return _with_kept_state(Message(content, reply_to=msg), context)
+
+
+def _with_kept_state(reply: Message, context: Context) -> Message:
+    """Attach the ``state.<key>`` records of ``KEPT_BY_SERVER`` the node holds."""
     for key in KEPT_BY_SERVER:
         if key in context.state:
-            content[STATE_PREFIX + key] = context.state[key]
-    return Message(content, reply_to=msg)
+            reply.content[STATE_PREFIX + key] = context.state[key]
+    return reply
+
+
+def _train_private(
+    msg: Message,
+    context: Context,
+    config: ExperimentConfig,
+    control: dict[str, Any],
+    data: ImageData,
+    server_round: int,
+    seed: int,
+    device: torch.device,
+    own_ledger: bool,
+) -> Message:
+    """The same two tasks under the node's privacy budget (``clients.private``); refusals reply without a result."""
+    if control[TASK] == "fit":
+        global_state = record_to_state(msg.content.array_records["arrays"])
+
+        def fit(privacy: PrivateData) -> tuple[dict[str, ArrayRecord], dict[str, Any]]:
+            state, metrics = fit_private(config, data, global_state, device, privacy)
+            return {"arrays": state_to_record(state)}, metrics
+
+        return train_private(msg, context, config, data, server_round, seed, fit, own_ledger)
+    global_record = msg.content.array_records.get("global")
+    previous = context.state.array_records.get(PREVIOUS_SET) if global_record is not None else None
+
+    def distill(privacy: PrivateData) -> tuple[dict[str, ArrayRecord], dict[str, Any]]:
+        syn, metrics = distill_partition(
+            config,
+            data,
+            device,
+            seed,
+            global_state=None if global_record is None else record_to_state(global_record),
+            start=None if previous is None else SyntheticSet.from_arrays(_numpy(previous), data.info.num_classes),
+            privacy=privacy,
+        )
+        arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
+        if global_record is not None:
+            context.state[PREVIOUS_SET] = arrays
+        return {"set": arrays}, {**metrics, CONTINUED: int(previous is not None)}
+
+    return train_private(msg, context, config, data, server_round, seed, distill, own_ledger)
 
 
 def _numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -24,6 +24,15 @@ from rich.table import Table
 from fedistill.config import ConfigError, ExperimentConfig
 from fedistill.data import load_dataset
 from fedistill.device import pick_device
+from fedistill.privacy import (
+    ADJACENCY,
+    PrivacyLedger,
+    PrivateData,
+    new_ledger,
+    open_round,
+    plan_privacy,
+    secret_generator,
+)
 from fedistill.distill import get_distiller
 from fedistill.report import plot_curve, save_class_grids
 from fedistill.runs import create_run_dir, save_config, write_json
@@ -67,7 +76,10 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
 
     images = train.normalized(device)
     labels = torch.from_numpy(train.labels).to(device)
-    distiller = get_distiller(cfg.distill.method)(cfg.model.spec(), cfg.distill.settings(cfg.data.name), device)
+    ledger, privacy = _private_round(cfg, train.labels, info.num_classes)
+    private = {} if privacy is None else {"privacy": privacy}
+    distill_settings = cfg.distill.settings(cfg.data.name)
+    distiller = get_distiller(cfg.distill.method)(cfg.model.spec(), distill_settings, device, **private)
     iterations: list[int] = []
     losses: list[float] = []
     started = time.perf_counter()
@@ -125,9 +137,30 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     }
     if device.type == "cuda":
         metrics["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    if ledger is not None:
+        spent = ledger.epsilon()
+        metrics["privacy"] = {"epsilon": spent.value, "delta": spent.delta, "accountant": spent.accountant,
+                              "adjacency": ADJACENCY, "ledger": ledger.to_dict()}
+        write_json(run_dir / "privacy.json", metrics["privacy"])
     write_json(run_dir / "metrics.json", metrics)
     console.print(_summary(metrics, result, run_dir))
+    if ledger is not None:
+        console.print(f"privacy: {ledger.epsilon().describe()} (upper bound)", markup=False, highlight=False)
     return run_dir
+
+
+def _private_round(
+    cfg: ExperimentConfig, labels: np.ndarray, num_classes: int
+) -> tuple[PrivacyLedger | None, PrivateData | None]:
+    """With ``privacy.enabled``: a fresh ledger and the one round's private inputs (noisy counts released here)."""
+    if not cfg.privacy.enabled:
+        return None, None
+    if cfg.federation.protocol == "fedavg":
+        raise ConfigError("federation.protocol 'fedavg' is federated; `fedistill distill` needs a distillation method")
+    plan = plan_privacy(cfg)
+    ledger = new_ledger(plan)
+    generator = secret_generator(cfg.privacy, cfg.seed)
+    return ledger, open_round(plan, ledger, labels, num_classes, 1, generator, cfg.privacy.min_class_count)
 
 
 def _summary(metrics: dict[str, Any], result: EvalResult, run_dir: Path) -> Table:

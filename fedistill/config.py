@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedistill.augment import parse_strategy
-from fedistill.distill import DistillSettings, available_methods
+from fedistill.distill import DistillSettings, available_methods, get_distiller
 from fedistill.models import ModelSpec
 
 
@@ -198,6 +198,38 @@ OPERATIONAL_KEYS = (
 )
 """Flat keys that steer how a run is carried out rather than what it computes: a resumed run may change them."""
 
+class PrivacyConfig(_Section):
+    """Record-level differential privacy for each client (add/remove one record of that client's data).
+
+    With ``enabled``, clients distil with a private method (``dp-dm``,
+    ``dp-gm``) or, under ``fedavg``, train with DP-SGD; every record is
+    Poisson-sampled at ``sample_rate`` per release and clipped to
+    ``clip_norm``. The per-class counts are released once with noise
+    ``count_noise_multiplier`` (std in records). Unless ``noise_multiplier``
+    is set, it is calibrated so that the planned run (count release plus all
+    rounds' releases) ends at ``target_epsilon`` under ``accountant``.
+    ``min_class_count``: classes whose released count is below it get no
+    images. ``reproducible`` seeds sampling and noise from ``seed`` (tests and
+    benchmarks only: whoever knows the seed can remove the noise). Private
+    work samples with ``sample_rate``, so ``distill.batch_real`` and
+    ``federation.local_batch`` are not used. See docs/privacy.md.
+    """
+
+    enabled: bool = False
+    target_epsilon: float = Field(default=10.0, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    clip_norm: float = Field(default=1.0, gt=0)
+    sample_rate: float = Field(default=0.05, gt=0, le=1)
+    noise_multiplier: float | None = Field(default=None, gt=0, description="default: calibrated to target_epsilon")
+    count_noise_multiplier: float = Field(default=20.0, gt=0)
+    min_class_count: int = Field(default=0, ge=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    reproducible: bool = False
+
+
+PRIVATE_PROTOCOLS = ("one-shot", "multi-round", "fedavg")
+"""Protocols that run with ``privacy.enabled``; FedProx's proximal term would bypass DP-SGD's clipping."""
+
 
 class ExperimentConfig(_Section):
     seed: int = 0
@@ -209,6 +241,40 @@ class ExperimentConfig(_Section):
     distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
     federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _private_consistent(self) -> ExperimentConfig:
+        """A private run must read data only through DP mechanisms; a private method needs the privacy section."""
+        private_method = get_distiller(self.distill.method).private
+        if not self.privacy.enabled:
+            if private_method:
+                raise ValueError(f"distill.method {self.distill.method!r} needs privacy.enabled = true")
+            return self
+        private_methods = ", ".join(m for m in available_methods() if get_distiller(m).private)
+        if self.federation.protocol not in PRIVATE_PROTOCOLS:
+            raise ValueError(
+                f"federation.protocol {self.federation.protocol!r} has no private variant; "
+                f"allowed with privacy.enabled: {', '.join(PRIVATE_PROTOCOLS)}"
+            )
+        if self.federation.protocol != "fedavg" and not private_method:
+            raise ValueError(
+                f"distill.method {self.distill.method!r} is not differentially private; "
+                f"allowed with privacy.enabled: {private_methods}"
+            )
+        if self.distill.init == "real" and self.federation.protocol != "fedavg":
+            raise ValueError("distill.init 'real' would start the set from private images; allowed with privacy: noise")
+        if self.model.norm == "batchnorm":
+            raise ValueError(
+                "model.norm 'batchnorm' mixes records of a batch, so per-record clipping bounds nothing; "
+                "allowed with privacy: instancenorm, groupnorm, none"
+            )
+        if self.data.name == "npz":
+            raise ValueError(
+                "data.name 'npz' normalises with statistics of the private training split; "
+                "allowed with privacy: fashion-mnist, mnist, cifar10, digits"
+            )
+        return self
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -221,7 +287,8 @@ def format_validation_error(error: ValidationError) -> str:
             message = "unknown key"
         elif item["type"] == "literal_error":
             message = f"invalid value {item['input']!r}; allowed: {item['ctx']['expected']}"
-        lines.append(f"{key}: {message}")
+        # Cross-section checks (loc empty) already start their message with the key they are about.
+        lines.append(message if not item["loc"] else f"{key}: {message}")
     return "; ".join(lines)
 
 

@@ -31,6 +31,10 @@ carried, see ``clients.app.KEPT_BY_SERVER``) in its checkpoint, and attaches
 it as ``restore.<key>`` records to the train message of a node that starts
 without it (a restarted node, or every node of a resumed run). The node copies
 each one into ``context.state[<key>]`` unless it already holds that key.
+
+In a private run every reply also holds a ``privacy`` ConfigRecord, and a
+node whose budget would not cover the round replies with only ``metrics``
+(``refused = 1``) and that record (``clients.private``, ``server.privacy``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ TASK = "task"
 ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
 TASKS = ("distill", "fit")
+
+PRIVACY_RECORD = "privacy"
+"""Reply ConfigRecord of a private run: epsilon so far, delta, accountant, adjacency, the node's ledger, a refusal."""
+REFUSED = "refused"
+"""Reply metric: 1 when the node refused the round because it would exceed its privacy budget (no result then)."""
 CONTROL_KEYS = (TASK, ROUND, PROXIMAL_MU)
 
 PARTITION_ID = "partition-id"

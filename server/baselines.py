@@ -63,6 +63,7 @@ from fedistill.training import evaluate_model
 from server.federation import (
     UNAVAILABLE,
     GridLike,
+    BudgetExhausted,
     NotEnoughClients,
     RunControl,
     RunInterrupted,
@@ -72,11 +73,13 @@ from server.federation import (
     exchange,
     fresh_model,
     load_resumable,
+    partition_label,
     resume_hint,
     wait_for_nodes,
 )
 from server.history import RoundRecord, RunHistory, write_history
-from server.validation import InvalidReply, array_to_numpy, check_client_metrics
+from server.privacy import PrivacyRecorder, read_privacy, refusal_reason
+from server.validation import InvalidReply, array_to_numpy, check_client_metrics, client_error
 
 log = logging.getLogger("fedistill.server")
 
@@ -100,6 +103,7 @@ class RoundLedger:
     rejected: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     client_seconds: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class ArraySpec(dict[str, tuple[tuple[int, ...], np.dtype]]):
@@ -175,15 +179,19 @@ class _Harness:
         num_partitions: int,
         round_offset: int = 0,
         stop: threading.Event | None = None,
+        privacy: PrivacyRecorder | None = None,
         **strategy: Any,
     ) -> None:
         """``spec`` describes the global model's arrays; ``strategy`` goes to the Flower strategy unchanged.
+
+        ``privacy`` records DP-FedAvg ledgers and refusals.
 
         ``round_offset`` is the number of rounds a resumed run already has:
         Flower's loop counts from 1 again, the nodes and the records see the
         run's own round numbers.
         """
         super().__init__(**strategy)
+        self.privacy = privacy
         self.spec = spec
         self.policy = policy
         self.min_clients = policy.min_clients
@@ -232,11 +240,19 @@ class _Harness:
                     continue
                 if reply.has_error():
                     # Flower's aggregate_train logs these itself and leaves them out.
-                    ledger.rejected[node] = f"client error {reply.error.code}: {reply.error.reason}"
+                    ledger.rejected[node] = client_error(reply.error)
                     kept.append(reply)
                     continue
                 if str(reply.metadata.src_node_id) != node:
                     raise InvalidReply(f"reply signed by node {reply.metadata.src_node_id}, not by the node asked")
+                refusal = refusal_reason(reply)
+                if self.privacy is not None:
+                    self.privacy.observe(server_round, _privacy_key(reply, node, self.num_partitions),
+                                         read_privacy(reply, self.privacy.plan))
+                if refusal is not None:
+                    log.info("round %d: node %s refused: %s", server_round, node, refusal)
+                    ledger.refused[node] = refusal
+                    continue
                 metrics = check_fit_reply(
                     reply, self.spec, self.arrayrecord_key, self.max_reply_bytes, self.num_partitions
                 )
@@ -256,8 +272,10 @@ class _Harness:
         for node in ledger.missing:
             log.warning("round %d: no reply from node %s", server_round, node)
         if len(ledger.accepted) < self.min_clients:
-            raise NotEnoughClients(
-                f"round {server_round}: {len(ledger.accepted)} valid replies, "
+            error = BudgetExhausted if ledger.refused else NotEnoughClients
+            refused = f", {len(ledger.refused)} node(s) refused (privacy budget spent)" if ledger.refused else ""
+            raise error(
+                f"round {server_round}: {len(ledger.accepted)} valid replies{refused}, "
                 f"need federation.min_clients = {self.min_clients}"
             )
         accepted.sort(key=lambda item: item[0])
@@ -388,6 +406,7 @@ def run_baseline(
     history = RunHistory(federation.protocol)
     state: dict[str, Any] = {"arrays": initial, "initial": None}
     completed = 0
+    checkpoint_privacy: dict[str, Any] = {}
     if control.resume is None:
         run_dir = create_run_dir(config.output_dir, f"fed-{test.info.name}-{federation.protocol}")
         save_config(run_dir, config)
@@ -399,6 +418,7 @@ def run_baseline(
             history = RunHistory.from_dict(checkpoint.state["history"])
             state["initial"] = checkpoint.state.get("initial")
             state["arrays"] = state_to_record(checkpoint.section("global"))
+            checkpoint_privacy = checkpoint.state.get("privacy") or {}
         discard_unfinished_rounds(run_dir, completed, federation.rounds)
         console.print(f"resuming {run_dir} after round {completed}/{federation.rounds}")
     if control.on_start is not None:
@@ -416,6 +436,10 @@ def run_baseline(
         "min_train_nodes": federation.min_clients,
         "min_available_nodes": federation.min_clients,
     }
+    privacy = PrivacyRecorder.start(config, console)
+    if privacy is not None and checkpoint_privacy:
+        privacy.load_state(checkpoint_privacy)
+    common["privacy"] = privacy
     strategy: HarnessFedAvg | HarnessFedProx
     if federation.protocol == "fedprox":
         strategy = HarnessFedProx(**common, proximal_mu=federation.proximal_mu)
@@ -431,6 +455,7 @@ def run_baseline(
             "experiment": experiment_fingerprint(config),
             "history": history.to_dict(),
             "initial": state["initial"],
+            "privacy": {} if privacy is None else privacy.to_state(),
         }
         save_checkpoint(run_dir, saved)
         write_history(run_dir, history, summary("running"))
@@ -456,6 +481,7 @@ def run_baseline(
             seconds=time.perf_counter() - ledger.started,
             accepted=len(ledger.accepted),
             rejected=dict(ledger.rejected),
+            refused=dict(ledger.refused),
             missing=list(ledger.missing),
             client_seconds=dict(ledger.client_seconds),
             asked=len(ledger.asked),
@@ -469,6 +495,9 @@ def run_baseline(
             + (f"; missing nodes: {', '.join(record.missing)}" if record.missing else "")
             + (f"; rejected: {', '.join(record.rejected)}" if record.rejected else "")
         )
+        line = None if privacy is None else privacy.round_line(server_round)
+        if line is not None:
+            console.print(line, markup=False, highlight=False)
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     def summary(status: str, **extra: Any) -> dict[str, Any]:
@@ -485,6 +514,7 @@ def run_baseline(
             "initial": state["initial"],
             "final_accuracy": history.final_accuracy() if history.rounds else None,
             "device": str(device),
+            **({} if privacy is None else {"privacy": privacy.summary()}),
             **extra,
         }
 
@@ -493,6 +523,7 @@ def run_baseline(
         f"{federation.protocol}: {remaining} of {federation.rounds} rounds to run, "
         f"{federation.local_epochs} local epochs each, {model_bytes:,} bytes per model"
     )
+    stopped: dict[str, str] = {}
     try:
         if remaining > 0:
             nodes = wait_for_nodes(grid, federation.min_clients, federation.round_timeout_s, stop=control.stop)
@@ -507,8 +538,18 @@ def run_baseline(
                     evaluate_fn=evaluate_fn,
                 )
         check_stop(control.stop)
+    except BudgetExhausted as error:
+        if not history.rounds:
+            _write_privacy(privacy, run_dir, console)
+            write_history(run_dir, history, summary("failed", failed_round=1, reason=str(error),
+                                                    refused=strategy.ledger.refused))
+            raise
+        stopped["stopped_early"] = f"{error}; the run ends after round {len(history.rounds)}"
+        log.warning(stopped["stopped_early"])
+        console.print(stopped["stopped_early"], markup=False, highlight=False)
     except (NotEnoughClients, RunInterrupted) as error:
         status = "interrupted" if isinstance(error, RunInterrupted) else "failed"
+        _write_privacy(privacy, run_dir, console)
         failed_round = len(history.rounds) + 1
         write_history(run_dir, history, summary(status, failed_round=failed_round, reason=str(error),
                                                 rejected=strategy.ledger.rejected, missing=strategy.ledger.missing,
@@ -517,10 +558,23 @@ def run_baseline(
         raise type(error)(f"{error}; {resume_hint(run_dir)}") from None
     final = record_to_state(state["arrays"])
     save_tensors(run_dir / "global_model.safetensors", final)
-    result = summary("completed")
+    result = summary("completed", **stopped)
     write_history(run_dir, history, result)
     console.print(_summary_table(result, run_dir))
+    _write_privacy(privacy, run_dir, console)
     return run_dir
+
+
+def _privacy_key(reply: Message, node: str, num_partitions: int) -> str:
+    """The partition's label for a node's privacy record (node ids change across restarts), else the node id."""
+    claimed = reply.content.metric_records.get("metrics", {}).get(PARTITION_ID)
+    return partition_label(claimed) if isinstance(claimed, int) and 0 <= claimed < num_partitions else node
+
+
+def _write_privacy(privacy: PrivacyRecorder | None, run_dir: Path, console: Console) -> None:
+    if privacy is not None:
+        privacy.write(run_dir)
+        console.print(privacy.final_line(), markup=False, highlight=False)
 
 
 def _summary_table(summary: dict[str, Any], run_dir: Path) -> Table:

@@ -54,12 +54,14 @@ from fedistill.messages import (
     state_to_record,
 )
 from fedistill.models import build_model
+from fedistill.privacy import PrivacyPlan
 from fedistill.report import save_class_grids
 from fedistill.runs import create_run_dir, save_config
 from fedistill.synthetic import SyntheticSet
 from fedistill.training import TrainSettings, evaluate_model, evaluate_set, train_model
 from server.aggregation import AggregationContext, ClientSet, get_aggregator
 from server.history import RoundRecord, RunHistory, write_history
+from server.privacy import ClientPrivacy, PrivacyRecorder, read_privacy, refusal_reason
 from server.validation import (
     CLIENT_STATE_LIMIT_BYTES,
     CLIENT_STATE_MAX_RECORDS,
@@ -70,6 +72,7 @@ from server.validation import (
     array_to_numpy,
     check_client_metrics,
     check_client_state,
+    client_error,
     validate_set_arrays,
 )
 
@@ -101,6 +104,10 @@ class GridLike(Protocol):
 
 class NotEnoughClients(RuntimeError):
     """Fewer valid replies (or connected nodes) than the round's quorum."""
+
+
+class BudgetExhausted(NotEnoughClients):
+    """Too few replies because nodes refused for their privacy budget: the run ends with the last global model."""
 
 
 class RunInterrupted(RuntimeError):
@@ -262,7 +269,7 @@ def read_reply(reply: Message, limits: ReplyLimits, num_partitions: int) -> Clie
     declared metrics against the arrays.
     """
     if reply.has_error():
-        raise InvalidReply(f"client error {reply.error.code}: {reply.error.reason}")
+        raise InvalidReply(client_error(reply.error))
     content = reply.content
     if "set" not in content.array_records or "metrics" not in content.metric_records:
         raise InvalidReply("reply lacks the 'set' arrays or the 'metrics' record")
@@ -301,7 +308,7 @@ def read_reply(reply: Message, limits: ReplyLimits, num_partitions: int) -> Clie
 
 @dataclass
 class RoundOutcome:
-    """Accepted client sets, and why the others were left out (node id -> reason)."""
+    """Accepted client sets, why the others were left out (node id -> reason), refusals and privacy records."""
 
     accepted: list[ClientSet] = field(default_factory=list)
     client_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -309,6 +316,8 @@ class RoundOutcome:
     missing: list[str] = field(default_factory=list)
     partitions: dict[str, int] = field(default_factory=dict)
     state: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    privacy: dict[str, ClientPrivacy] = field(default_factory=dict)
 
 
 class ReplyCollector:
@@ -319,8 +328,15 @@ class ReplyCollector:
     as is a second reply for a partition already answered this round.
     """
 
-    def __init__(self, asked: dict[int, int | None], limits: ReplyLimits, num_partitions: int) -> None:
+    def __init__(
+        self,
+        asked: dict[int, int | None],
+        limits: ReplyLimits,
+        num_partitions: int,
+        plan: PrivacyPlan | None = None,
+    ) -> None:
         self.asked = asked
+        self.plan = plan
         self.limits = limits
         self.num_partitions = num_partitions
         self.outcome = RoundOutcome()
@@ -341,6 +357,13 @@ class ReplyCollector:
         try:
             if not reply.has_error() and reply.metadata.src_node_id != node:
                 raise InvalidReply(f"reply signed by node {reply.metadata.src_node_id}, not by the node asked")
+            if self.plan is not None and not reply.has_error():
+                self.outcome.privacy[self._privacy_key(node, reply)] = read_privacy(reply, self.plan)
+            refusal = refusal_reason(reply)
+            if refusal is not None:
+                log.info("node %s refused the round: %s", node, refusal)
+                self.outcome.refused[key] = refusal
+                return False
             client = read_reply(reply, self.limits, self.num_partitions)
             expected = self.asked[node]
             if expected is not None and client.partition != expected:
@@ -359,6 +382,16 @@ class ReplyCollector:
         self.outcome.partitions[key] = client.partition
         self.outcome.state[client.partition] = client.state
         return True
+
+    def _privacy_key(self, node: int, reply: Message) -> str:
+        """The partition's label for the privacy record (node ids change across restarts), else the node id."""
+        partition = self.asked[node]
+        if partition is None:
+            metrics = reply.content.metric_records.get("metrics", {})
+            claimed = metrics.get(PARTITION_ID)
+            partition = claimed if isinstance(claimed, int) and 0 <= claimed < self.num_partitions else None
+        label = str(node) if partition is None else partition_label(partition)
+        return str(node) if label in self.outcome.privacy else label
 
     def close(self, silent: list[int]) -> RoundOutcome:
         """The outcome, with the nodes that never answered added to ``missing``."""
@@ -445,6 +478,8 @@ class ServerState:
     aggregate: SyntheticSet | None = None
     evaluation: dict[str, Any] | None = None
     kept: dict[int, KeptState] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
+    """The server's privacy record (``PrivacyRecorder.to_state``); empty in a run without privacy."""
 
     def to_checkpoint(self, config: ExperimentConfig) -> Checkpoint:
         checkpoint = Checkpoint(self.completed)
@@ -462,6 +497,7 @@ class ServerState:
             "evaluation": self.evaluation,
             "kept_records": {str(p): kept.records for p, kept in self.kept.items() if kept.records},
             "kept_continuable": sorted(p for p, kept in self.kept.items() if kept.continuable),
+            "privacy": self.privacy,
         }
         return checkpoint
 
@@ -470,7 +506,12 @@ class ServerState:
         cls, checkpoint: Checkpoint, config: ExperimentConfig, model: Callable[[], torch.nn.Module], num_classes: int
     ) -> ServerState:
         document = checkpoint.state
-        state = cls(RunHistory.from_dict(document["history"]), checkpoint.round, evaluation=document.get("evaluation"))
+        state = cls(
+            RunHistory.from_dict(document["history"]),
+            checkpoint.round,
+            evaluation=document.get("evaluation"),
+            privacy=document.get("privacy") or {},
+        )
         weights = checkpoint.section("global")
         if weights:
             state.global_model = model()
@@ -542,6 +583,14 @@ class DistillationRun:
         self.went_missing: set[int] = set()
         """Nodes that did not answer the last round they were asked: they may come back restarted, state lost."""
         self.nodes_seen = 0
+        self.privacy = PrivacyRecorder.start(config, console)
+        if self.privacy is not None and state.privacy:
+            self.privacy.load_state(state.privacy)
+        self.stopped_early: str | None = None
+
+    def write_privacy(self) -> None:
+        if self.privacy is not None:
+            self.privacy.write(self.run_dir)
 
     def round_dir(self, server_round: int) -> Path:
         return self.run_dir / ("clients" if self.config.federation.rounds == 1 else f"round-{server_round:03d}")
@@ -602,10 +651,19 @@ class DistillationRun:
             record.count_bytes() for message in messages for name, record in message.content.items() if name != "config"
         )
         needed = self.policy.needed(len(nodes))
-        collector = ReplyCollector(asked, self.limits, self.num_partitions)
+        collector = ReplyCollector(asked, self.limits, self.num_partitions,
+                                   None if self.privacy is None else self.privacy.plan)
         silent = exchange(self.grid, messages, self.policy, collector.add, needed, self.stop)
         outcome = collector.close(silent)
         self.went_missing = (self.went_missing - set(nodes)) | {int(node) for node in outcome.missing}
+        if self.privacy is not None:
+            for client_key, client in outcome.privacy.items():
+                self.privacy.observe(server_round, client_key, client)
+        if len(outcome.accepted) < needed and outcome.refused:
+            raise BudgetExhausted(
+                f"round {server_round}: {len(outcome.refused)} node(s) refused (privacy budget spent), "
+                f"{len(outcome.accepted)} valid sets, need {needed}"
+            )
         if len(outcome.accepted) < needed:
             raise NotEnoughClients(
                 f"round {server_round}: {len(outcome.accepted)} valid sets from {len(nodes)} nodes asked, need {needed} "
@@ -665,6 +723,7 @@ class DistillationRun:
             seconds=seconds,
             accepted=len(outcome.accepted),
             rejected=outcome.rejected,
+            refused=outcome.refused,
             missing=outcome.missing,
             client_seconds={node: float(m.get("seconds", 0.0)) for node, m in outcome.client_metrics.items()},
             asked=len(nodes),
@@ -676,6 +735,9 @@ class DistillationRun:
             + (f"; missing nodes: {', '.join(outcome.missing)}" if outcome.missing else "")
             + (f"; rejected: {', '.join(outcome.rejected)}" if outcome.rejected else "")
         )
+        line = None if self.privacy is None else self.privacy.round_line(server_round)
+        if line is not None:
+            self.console.print(line, markup=False, highlight=False)
         return record
 
     def summary(self, status: str, **extra: Any) -> dict[str, Any]:
@@ -694,6 +756,8 @@ class DistillationRun:
             "final_accuracy": history.final_accuracy() if history.rounds else None,
             "eval": self.state.evaluation,
             "device": str(self.device),
+            **({} if self.stopped_early is None else {"stopped_early": self.stopped_early}),
+            **({} if self.privacy is None else {"privacy": self.privacy.summary()}),
             **extra,
         }
 
@@ -701,6 +765,9 @@ class DistillationRun:
         """Make the round durable: checkpoint first (what a resume reads), then the human-facing metrics."""
         self.state.history.add(record)
         self.state.completed = server_round
+        if self.privacy is not None:
+            self.state.privacy = self.privacy.to_state()
+            self.write_privacy()
         save_checkpoint(self.run_dir, self.state.to_checkpoint(self.config))
         write_history(self.run_dir, self.state.history, self.summary("running"))
 
@@ -712,6 +779,7 @@ class DistillationRun:
         save_class_grids(state.aggregate, self.test.info, self.run_dir / "grids")
         summary = self.summary("completed")
         write_history(self.run_dir, state.history, summary)
+        self.write_privacy()
         return summary
 
 
@@ -762,15 +830,26 @@ def run_distillation(
     run = DistillationRun(grid, config, console, run_dir, test, device, state, control.stop)
     try:
         for server_round in range(state.completed + 1, federation.rounds + 1):
-            record = run.run_round(server_round)
+            try:
+                record = run.run_round(server_round)
+            except BudgetExhausted as spent:
+                if state.global_model is None:
+                    raise
+                run.stopped_early = f"{spent}; the run ends after round {server_round - 1}"
+                log.warning(run.stopped_early)
+                console.print(run.stopped_early, markup=False, highlight=False)
+                break
             run.checkpoint(server_round, record)
         summary = run.finish()
     except (NotEnoughClients, RunInterrupted) as error:
         status = "interrupted" if isinstance(error, RunInterrupted) else "failed"
+        run.write_privacy()
         write_history(run_dir, state.history, run.summary(status, reason=str(error), resume=resume_hint(run_dir)))
         console.print(f"{status}: {error}\n{resume_hint(run_dir)}", markup=False, highlight=False)
         raise type(error)(f"{error}; {resume_hint(run_dir)}") from None
     console.print(_summary(summary, run_dir))
+    if run.privacy is not None:
+        console.print(run.privacy.final_line(), markup=False, highlight=False)
     return run_dir
 
 
@@ -835,7 +914,10 @@ def _aggregation_context(config: ExperimentConfig, test: ImageData, device: torc
 
     def redistill(images: torch.Tensor, labels: torch.Tensor, ipc: int) -> SyntheticSet:
         settings = replace(config.distill.settings(config.data.name), ipc=ipc)
-        distiller = get_distiller(config.distill.method)(config.model.spec(), settings, device)
+        method = get_distiller(config.distill.method)
+        if method.private:  # the client sets are already public: re-distilling them needs no privacy
+            method = get_distiller(method.public_counterpart(settings))  # type: ignore[attr-defined]
+        distiller = method(config.model.spec(), settings, device)
         return distiller(images, labels, num_classes, seed=config.seed)
 
     return AggregationContext(

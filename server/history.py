@@ -42,6 +42,8 @@ class RoundRecord:
     client_seconds: dict[str, float] = field(default_factory=dict)
     asked: int = 0
     partitions: list[int] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    """Nodes that declined the round because it would exceed their privacy budget (not malformed replies)."""
 
 
 @dataclass

@@ -79,6 +79,12 @@ class InvalidReply(ValueError):
     """Why a reply was rejected, one line, starting with the offending key."""
 
 
+def client_error(error: Any) -> str:
+    """A node's error reply as one bounded log line: the reason is the node's text, so newlines are folded."""
+    reason = " ".join(str(error.reason).split())[:300]
+    return f"client error {error.code}: {reason or 'no reason given'}"
+
+
 def array_to_numpy(array: Any, key: str, max_bytes: int) -> np.ndarray:
     """The numpy array inside a Flower ``Array``, read without trusting its header.
 

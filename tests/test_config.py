@@ -28,7 +28,7 @@ def test_defaults_are_the_protocol() -> None:
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
-        ({"distill": {"method": "dmm"}}, "distill.method: unknown method 'dmm'; allowed: dc, dm, dsa, herding"),
+        ({"distill": {"method": "dmm"}}, "distill.method: unknown method 'dmm'; allowed: dc, dm, dp-dm, dp-gm, dsa"),
         ({"distill": {"ipc": 0}}, "distill.ipc:"),
         ({"distill": {"ipcs": 10}}, "distill.ipcs: unknown key"),
         ({"model": {"norm": "layernorm"}}, "model.norm: invalid value 'layernorm'; allowed: 'instancenorm'"),

@@ -1,6 +1,6 @@
 """Distillation methods behind one interface; importing this package registers them all."""
 
-from fedistill.distill import coresets, dm, gm  # noqa: F401  (registration side effect)
+from fedistill.distill import coresets, dm, dp_dm, dp_gm, gm  # noqa: F401  (registration side effect)
 from fedistill.distill.base import (
     Distiller,
     DistillSettings,
@@ -9,5 +9,14 @@ from fedistill.distill.base import (
     get_distiller,
     register,
 )
+from fedistill.distill.private import PrivateDistiller
 
-__all__ = ["DistillSettings", "Distiller", "ProgressFn", "available_methods", "get_distiller", "register"]
+__all__ = [
+    "DistillSettings",
+    "Distiller",
+    "PrivateDistiller",
+    "ProgressFn",
+    "available_methods",
+    "get_distiller",
+    "register",
+]

@@ -61,6 +61,8 @@ class Distiller(ABC):
     name: ClassVar[str]
     refines: ClassVar[bool] = True
     """Whether the method optimises images (and so can continue from a ``start`` set); coresets select instead."""
+    private: ClassVar[bool] = False
+    """Whether the method reads the data only through DP mechanisms (``distill.private.PrivateDistiller``)."""
 
     def __init__(
         self,

@@ -1,0 +1,39 @@
+"""Print the differential-privacy table of BENCHMARKS.md from benchmarks/results/dp-fed/*.json."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.common import RESULTS
+
+METHODS = (("dp-dm", "DP-DM (one-shot)"), ("dp-gm", "DP gradient matching (one-shot)"),
+           ("dp-fedavg", "DP-FedAvg (DP-SGD)"))
+EPSILONS = (1.0, 2.0, 5.0, 10.0)
+
+
+def main() -> None:
+    rows = {}
+    for path in sorted((RESULTS / "dp-fed").glob("*.json")):
+        row = json.loads(path.read_text())
+        rows[(row["method"], float(row["target_epsilon"]))] = row
+    print("| method | " + " | ".join(f"eps {e:g}" for e in EPSILONS) + " |")
+    print("|---|" + "---|" * len(EPSILONS))
+    for method, name in METHODS:
+        cells = []
+        for epsilon in EPSILONS:
+            row = rows.get((method, epsilon))
+            cells.append("not run" if row is None else f"{100 * row['accuracy']:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
+    print("| row | worst client epsilon | sigma | releases per client | budget | upload MB | wall min |")
+    print("|---|---|---|---|---|---|---|")
+    for (method, epsilon), row in sorted(rows.items()):
+        print(
+            f"| {method} eps {epsilon:g} | {row['worst_client_epsilon']:.3f} | {row['noise_multiplier']:.3g} "
+            f"| {row['releases_per_client']} | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
+            f"| {row['wall_seconds'] / 60:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

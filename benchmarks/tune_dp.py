@@ -1,0 +1,99 @@
+"""Choose DP hyper-parameters on public data only: a proxy client and a validation split cut from training images
+that no client holds in the DP benchmark (``bench_dp_fed`` partitions only the first 55,000 training images).
+
+The last 5,000 Fashion-MNIST training images are split in two halves: the
+first half plays one client (IID, 250 images per class: fewer than an average
+benchmark client, so the proxy is pessimistic), the second half scores the
+client's set. No private benchmark image and no test image is read, so the
+choice costs no privacy and does not peek at the test split. One call runs
+one setting and appends a JSON line to ``benchmarks/results/dp-tuning.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from benchmarks.common import RESULTS, command, hardware
+from fedistill.data import load_dataset
+from fedistill.distill import DistillSettings, get_distiller
+from fedistill.models import ModelSpec, build_model
+from fedistill.privacy import PrivacyLedger, PrivateData, calibrate_noise_multiplier, release_class_counts
+from fedistill.privacy.dpsgd import dp_sgd
+from fedistill.training import TrainSettings, evaluate_model, evaluate_set
+
+PUBLIC_START = 55_000
+"""Training images from here on are never partitioned among clients in the DP benchmark."""
+
+COUNT_NOISE = 20.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", choices=["dp-dm", "dp-gm", "dp-sgd"], required=True)
+    parser.add_argument("--epsilon", type=float, required=True)
+    parser.add_argument("--steps", type=int, required=True, help="iterations (distillers) or epochs (dp-sgd)")
+    parser.add_argument("--sample-rate", type=float, required=True)
+    parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=None, help="image lr (distillers) or model lr (dp-sgd)")
+    parser.add_argument("--outer-loop", type=int, default=None)
+    parser.add_argument("--eval-epochs", type=int, default=100)
+    parser.add_argument("--eval-dsa", action="store_true")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    train = load_dataset("fashion-mnist", "train")
+    pool = train.subset(np.arange(PUBLIC_START, len(train)))
+    client, validation = pool.subset(np.arange(0, 2500)), pool.subset(np.arange(2500, 5000))
+    spec = ModelSpec(width=args.width)
+    images, labels = client.normalized(), torch.from_numpy(client.labels)
+    val_x, val_y = validation.normalized(), torch.from_numpy(validation.labels)
+    settings = DistillSettings(
+        ipc=10, iterations=args.steps, init="noise", lr_images=args.lr, dsa=True,
+        dsa_strategy="color_crop_cutout_scale_rotate", outer_loop=args.outer_loop, compile="auto",
+    )
+    if args.method == "dp-sgd":
+        releases = args.steps * max(1, int(1 / args.sample_rate))
+    else:
+        releases = get_distiller(args.method).releases(settings)  # type: ignore[attr-defined]
+    sigma = calibrate_noise_multiplier(args.epsilon, 1e-5, args.sample_rate, releases, prior=[(COUNT_NOISE, 1.0, 1)])
+    ledger = PrivacyLedger(delta=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    counts = release_class_counts(client.labels, 10, ledger, COUNT_NOISE, generator, 1)
+    privacy = PrivateData(counts, args.sample_rate, args.clip, sigma, 0, ledger, generator, 1)
+    started = time.perf_counter()
+    if args.method == "dp-sgd":
+        model = build_model(spec, (1, 28, 28), 10)
+        dp_sgd(model, images, labels, privacy, args.steps, args.lr or 0.1, 0.9)
+        accuracy, _ = evaluate_model(model, val_x, val_y)
+        work = time.perf_counter() - started
+    else:
+        distiller = get_distiller(args.method)(spec, settings, device, privacy=privacy)
+        syn = distiller(images, labels, 10, seed=0)
+        work = time.perf_counter() - started
+        train_settings = TrainSettings(epochs=args.eval_epochs, dsa_strategy="color_crop_cutout_scale_rotate"
+                                       if args.eval_dsa else None)
+        accuracy = evaluate_set(syn, val_x, val_y, spec, train_settings, device, seed=11, num_nets=1).mean
+    row = {
+        **{key: value for key, value in vars(args).items() if key != "threads"},
+        "noise_multiplier": sigma,
+        "spent_epsilon": ledger.epsilon().value,
+        "validation_accuracy": accuracy,
+        "work_seconds": work,
+        "command": command(),
+        "hardware": hardware(),
+    }
+    with (RESULTS / "dp-tuning.jsonl").open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    Console(stderr=True).print(row)
+
+
+if __name__ == "__main__":
+    main()

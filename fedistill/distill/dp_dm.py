@@ -1,0 +1,131 @@
+"""Differentially private distribution matching (``dp-dm``).
+
+DM (``dm.py``) with the real side replaced by one Gaussian release per
+iteration. Each iteration draws a random network (and per-class siamese
+augmentation, as in DM), embeds the synthetic images, and takes each class's
+synthetic mean embedding as that class's centre (public: the synthetic set
+is already private). Then it Poisson-samples every record at rate ``q``,
+embeds the sample, clips each record's deviation from its class centre to L2
+norm ``C``, sums the clipped deviations per class, adds ``N(0, (sigma C)^2)``
+once to the stacked class sums and divides by the expected class sample size
+``q * released count``. A record is in one class, so the stacked sums have
+sensitivity ``C`` and the iteration is one step of the subsampled Gaussian
+mechanism at rate ``q``.
+
+The release estimates in which direction, and how consistently, the real
+records lie from the synthetic centre: the DM gradient, but with the clip
+budget spent on the deviations rather than on the large component all
+embeddings share (ReLU features are non-negative), which raised accuracy at
+equal epsilon (digits: 79.3% vs 72.6% at epsilon 1 for matching clipped raw
+embeddings). The synthetic mean is pulled towards ``centre + scale * shift``
+(a DM loss against that target); at the fixed point the centre is the real
+class's geometric median of embeddings rather than its mean. ``scale`` maps
+a clipped deviation of norm ``C`` back to the raw embeddings' typical norm
+``sqrt(d) / 2`` (instance norm; measured 16.7-19 for d = 1024, 3.7-4.5 for
+d = 64), so DM's image learning rate keeps its meaning whatever ``C``.
+Everything after the release is post-processing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedistill.augment import SiameseAugment
+from fedistill.distill.base import DistillSettings, ProgressFn, register
+from fedistill.distill.dm import DM_LR_IMAGES, DM_MOMENTUM
+from fedistill.distill.embedding import Embedder, resolve_compile
+from fedistill.distill.private import PrivateDistiller, class_slots, poisson_by_slot
+from fedistill.privacy import GaussianMechanism, clipped_class_sums
+from fedistill.synthetic import SyntheticSet
+
+
+@register("dp-dm")
+class PrivateDistributionMatching(PrivateDistiller):
+    """DM whose real signal (clipped deviations from the synthetic class centres) is a noisy release per iteration."""
+
+    @staticmethod
+    def step_scale(dimension: int, clip: float) -> float:
+        """A clipped deviation of norm ``clip`` stands for one of the raw embeddings' typical norm, ``sqrt(d) / 2``."""
+        return dimension**0.5 / (2 * clip)
+
+    def matching_loss(
+        self,
+        syn_features: torch.Tensor,
+        syn_sizes: list[int],
+        features: torch.Tensor,
+        slot_of_row: torch.Tensor,
+        mechanism: GaussianMechanism,
+        expected: torch.Tensor,
+    ) -> torch.Tensor:
+        """The one release of an iteration (clipped deviations from the synthetic centres) and the loss it sets.
+
+        ``syn_features`` are the synthetic embeddings, ``syn_sizes`` images per class slot; ``features``
+        the sampled real embeddings and ``slot_of_row`` their class slots.
+        """
+        clip = self.privacy.clip_norm
+        syn_means = torch.stack([part.mean(0) for part in syn_features.split(syn_sizes)])
+        centres = syn_means.detach()
+        deviations = features - centres[slot_of_row.to(features.device)]
+        sums = clipped_class_sums(deviations, slot_of_row, len(centres), clip)
+        shifts = (mechanism.release(sums, self.privacy.sample_rate) / expected).float()
+        return ((syn_means - (centres + self.step_scale(syn_means.shape[1], clip) * shifts)) ** 2).sum()
+
+    @classmethod
+    def releases(cls, settings: DistillSettings) -> int:
+        return settings.iterations
+
+    @classmethod
+    def public_counterpart(cls, settings: DistillSettings) -> str:
+        return "dm"
+
+    def distill(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        generator: torch.Generator,
+        progress: ProgressFn | None = None,
+    ) -> SyntheticSet:
+        settings, privacy = self.settings, self.privacy
+        budgets = privacy.budgets(settings.ipc)
+        present, slots = class_slots(budgets)
+        syn = self.initial_set(images.shape[1:], budgets, generator).requires_grad_(True)
+        offsets = np.concatenate([[0], np.cumsum(budgets)])
+        optimizer = torch.optim.SGD([syn], lr=settings.lr_images or DM_LR_IMAGES, momentum=DM_MOMENTUM)
+        augment = SiameseAugment(settings.dsa_strategy) if settings.dsa else None
+        compiled = resolve_compile(settings.compile, settings.iterations, self.device)
+        expected = torch.from_numpy(privacy.expected_counts()[present]).to(self.device).unsqueeze(1)
+        mechanism = privacy.mechanism(self.name)
+        labels_cpu = labels.cpu()
+        for iteration in range(settings.iterations if present else 0):
+            net = self.network(images.shape[1:], num_classes, generator)
+            samples = poisson_by_slot(privacy, labels_cpu, slots)
+            real_parts, slot_parts, syn_parts = [], [], []
+            for slot, cls in enumerate(present):
+                real = images[samples[slot].to(self.device)]
+                mine = syn[offsets[cls] : offsets[cls + 1]]
+                if augment is not None:
+                    # Drawn whatever the sample size, so the public randomness never depends on the data.
+                    params = augment.sample(1, generator, self.device, siamese=True)
+                    mine = augment.apply(mine, params)
+                    real = augment.apply(real, params) if len(real) else real
+                real_parts.append(real)
+                slot_parts.append(torch.full((len(real),), slot, dtype=torch.int64))
+                syn_parts.append(mine)
+            embedder = Embedder(net, settings.real_precision, compiled)
+            syn_features = embedder.synthetic(torch.cat(syn_parts))
+            real = torch.cat(real_parts)
+            features = embedder.real(real) if len(real) else syn_features.detach()[:0]
+            sizes = [len(part) for part in syn_parts]
+            loss = self.matching_loss(syn_features, sizes, features, torch.cat(slot_parts), mechanism, expected)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if progress is not None and (iteration % 10 == 0 or iteration == settings.iterations - 1):
+                progress(iteration + 1, settings.iterations, loss.item())
+        if present:
+            self.check_releases(mechanism.releases)
+        return self.private_set(
+            syn, budgets, num_classes, {"iterations": settings.iterations, "dsa": settings.dsa, "compiled": compiled}
+        )

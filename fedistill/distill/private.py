@@ -1,0 +1,123 @@
+"""The base of differentially private distillers: what they are given and what they may not do.
+
+A private distiller is a ``Distiller`` (same registry, same call) constructed
+with a ``privacy`` bundle (``fedistill.privacy.PrivateData``). It reads the
+private images only through Gaussian mechanisms on Poisson samples; per-class
+budgets, expected sample sizes and the set's ``source_counts`` come from the
+released noisy counts, never from the true counts. Its starting images are
+Gaussian noise (or the client's previous private set, which is already
+public): ``initial_set`` has no access to the private images at all, and
+``distill.init = "real"`` is refused.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+import torch
+
+from fedistill.distill.base import Distiller, DistillSettings, NetworkSource
+from fedistill.models import ModelSpec
+from fedistill.privacy import PrivateData
+from fedistill.synthetic import SyntheticSet
+
+
+class PrivateDistiller(Distiller):
+    """A distiller whose every access to real images is a noisy, accounted release."""
+
+    private = True
+
+    def __init__(
+        self,
+        model_spec: ModelSpec,
+        settings: DistillSettings,
+        device: torch.device,
+        networks: NetworkSource | None = None,
+        start: SyntheticSet | None = None,
+        *,
+        privacy: PrivateData,
+    ) -> None:
+        super().__init__(model_spec, settings, device, networks, start)
+        if settings.init != "noise":
+            raise ValueError(f"distill.init: {self.name} starts from noise, never from private images; allowed: noise")
+        if model_spec.arch == "convnet" and model_spec.norm == "batchnorm":
+            raise ValueError(
+                f"model.norm: batchnorm mixes records of a batch, so per-record clipping bounds nothing ({self.name}); "
+                "allowed: instancenorm, groupnorm, none"
+            )
+        self.privacy = privacy
+
+    @classmethod
+    @abstractmethod
+    def releases(cls, settings: DistillSettings) -> int:
+        """How many noisy releases (accountant steps) one call makes with these settings."""
+
+    @classmethod
+    @abstractmethod
+    def public_counterpart(cls, settings: DistillSettings) -> str:
+        """The non-private method that re-distils sets that are already public (server-side ``redistill``)."""
+
+    def initial_set(
+        self, image_shape: torch.Size | tuple[int, ...], budgets: np.ndarray, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Starting images by class: the previous (already private) set, else N(0, 1) noise; never private images."""
+        if self.start is not None:
+            if not np.array_equal(self.start.images_per_class(), budgets):
+                raise ValueError(
+                    f"start set has {self.start.images_per_class().tolist()} images per class, "
+                    f"the released counts give {budgets.tolist()}"
+                )
+            if tuple(self.start.images.shape[1:]) != tuple(image_shape):
+                shape = tuple(self.start.images.shape[1:])
+                raise ValueError(f"start set images are {shape}, data {tuple(image_shape)}")
+            order = torch.argsort(self.start.labels.cpu(), stable=True)
+            return self.start.images[order].to(self.device, torch.float32).detach().clone()
+        noise = torch.randn((int(budgets.sum()), *image_shape), generator=generator)
+        return noise.to(self.device)
+
+    def check_releases(self, made: int) -> None:
+        """A call must make exactly the planned number of releases, or the plan's epsilon would be wrong."""
+        planned = self.releases(self.settings)
+        if made != planned:
+            raise RuntimeError(f"{self.name}: made {made} noisy releases, {planned} were planned and accounted for")
+
+    def private_set(self, syn: torch.Tensor, budgets: np.ndarray, num_classes: int, provenance: dict) -> SyntheticSet:
+        """The result, labelled by class, with the released (noisy) counts as ``source_counts``."""
+        labels = torch.repeat_interleave(torch.arange(num_classes), torch.from_numpy(budgets)).to(syn.device)
+        return SyntheticSet(
+            syn.detach(),
+            labels,
+            num_classes,
+            np.asarray(self.privacy.counts, dtype=np.int64),
+            provenance={
+                "init": "noise" if self.start is None else "previous set",
+                "private": True,
+                "clip_norm": self.privacy.clip_norm,
+                "noise_multiplier": self.privacy.noise_multiplier,
+                "sample_rate": self.privacy.sample_rate,
+                **provenance,
+            },
+        )
+
+
+def class_slots(budgets: np.ndarray) -> tuple[list[int], torch.Tensor]:
+    """Classes that get images, and a lookup class -> slot in that list (-1 for the others)."""
+    present = [int(c) for c in np.flatnonzero(budgets > 0)]
+    slots = torch.full((len(budgets),), -1, dtype=torch.int64)
+    slots[present] = torch.arange(len(present))
+    return present, slots
+
+
+def poisson_by_slot(
+    privacy: PrivateData, labels_cpu: torch.Tensor, slots: torch.Tensor
+) -> list[torch.Tensor]:
+    """One Poisson sample of all records (rate ``privacy.sample_rate``), split by class slot; CPU indices.
+
+    Every record is sampled at the same rate, whatever its class; records of
+    classes without images are dropped after sampling (their sums would not
+    be used, and dropping them changes nothing for the others).
+    """
+    sampled = privacy.sample(len(labels_cpu))
+    slot_of = slots[labels_cpu[sampled]]
+    return [sampled[slot_of == slot] for slot in range(int(slots.max().item()) + 1)]

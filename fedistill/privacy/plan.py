@@ -1,0 +1,114 @@
+"""The privacy plan of a run: every release a client will make, and the noise calibrated for all of them.
+
+A client's planned history is the per-class count release (once, noise
+``count_noise_multiplier``, no subsampling) plus, in each of ``rounds``
+rounds, ``steps_per_round`` releases at ``(noise_multiplier, sample_rate)``:
+distillation steps of a private method (``Distiller.releases``) or DP-SGD
+steps of DP-FedAvg. Unless ``privacy.noise_multiplier`` is given, the noise
+is calibrated so that the whole planned run ends at (just under)
+``privacy.target_epsilon``; a client that took part in every round then
+ends there too, and one asked for more rounds than planned refuses.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedistill.privacy.accounting import Epsilon, calibrate_noise_multiplier, compute_epsilon
+from fedistill.privacy.ledger import Access
+from fedistill.privacy.mechanisms import CLASS_COUNTS
+
+if TYPE_CHECKING:
+    from fedistill.config import ExperimentConfig
+
+DP_SGD = "dp-sgd"
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The planned releases of one client over a run and the noise they use."""
+
+    mechanism: str
+    target_epsilon: float
+    delta: float
+    accountant: str
+    sample_rate: float
+    clip_norm: float
+    count_noise_multiplier: float
+    noise_multiplier: float
+    steps_per_round: int
+    rounds: int
+
+    def count_access(self, server_round: int) -> Access:
+        return Access(CLASS_COUNTS, self.count_noise_multiplier, 1.0, 1, server_round)
+
+    def round_accesses(self, server_round: int, counts_released: bool) -> list[Access]:
+        """The releases of one round (with the count release if it has not happened yet)."""
+        steps = Access(self.mechanism, self.noise_multiplier, self.sample_rate, self.steps_per_round, server_round)
+        return [steps] if counts_released else [self.count_access(server_round), steps]
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The whole planned run as an accountant history."""
+        return [
+            (self.count_noise_multiplier, 1.0, 1),
+            (self.noise_multiplier, self.sample_rate, self.steps_per_round * self.rounds),
+        ]
+
+    def planned_epsilon(self) -> Epsilon:
+        return compute_epsilon(self.history(), self.delta, self.accountant)
+
+
+def releases_per_round(config: ExperimentConfig) -> tuple[str, int]:
+    """(mechanism name, releases per round) of the experiment's private work on a client."""
+    if config.federation.protocol == "fedavg":
+        return DP_SGD, config.federation.local_epochs * dp_sgd_steps_per_epoch(config.privacy.sample_rate)
+    from fedistill.distill import get_distiller
+
+    method = get_distiller(config.distill.method)
+    if not method.private:
+        raise ValueError(f"distill.method: {config.distill.method!r} is not a private method")
+    return config.distill.method, method.releases(config.distill.settings(config.data.name))
+
+
+def dp_sgd_steps_per_epoch(sample_rate: float) -> int:
+    """DP-SGD steps per epoch, ``int(1 / q)`` as Opacus' Poisson sampler counts them (independent of the data size)."""
+    return max(1, int(1 / sample_rate))
+
+
+def plan_privacy(config: ExperimentConfig) -> PrivacyPlan:
+    """The plan of ``config`` (which must have ``privacy.enabled``); calibration is cached per configuration."""
+    if not config.privacy.enabled:
+        raise ValueError("plan_privacy: privacy.enabled is false")
+    mechanism, steps = releases_per_round(config)
+    return _plan(config.privacy.model_dump_json(), mechanism, steps, config.federation.rounds)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(privacy_json: str, mechanism: str, steps: int, rounds: int) -> PrivacyPlan:
+    from fedistill.config import PrivacyConfig
+
+    privacy = PrivacyConfig.model_validate_json(privacy_json)
+    sigma = privacy.noise_multiplier
+    if sigma is None:
+        sigma = calibrate_noise_multiplier(
+            privacy.target_epsilon,
+            privacy.delta,
+            privacy.sample_rate,
+            steps * rounds,
+            privacy.accountant,
+            prior=[(privacy.count_noise_multiplier, 1.0, 1)],
+        )
+    return PrivacyPlan(
+        mechanism=mechanism,
+        target_epsilon=privacy.target_epsilon,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        sample_rate=privacy.sample_rate,
+        clip_norm=privacy.clip_norm,
+        count_noise_multiplier=privacy.count_noise_multiplier,
+        noise_multiplier=float(sigma),
+        steps_per_round=steps,
+        rounds=rounds,
+    )

@@ -1,0 +1,368 @@
+"""Differential privacy in the library: accounting against Opacus, calibration, mechanisms, private distillers.
+
+Each test targets a known way DP code goes wrong (REFERENCE.md §5): noise
+drawn more or less often than releases are accounted, a reused signal noised
+again as if fresh, epsilon that disagrees with the accountant, calibration
+that misses the target, private images in the initial set, clipping that
+does not bound what one record can change, and a set that fails a simple
+membership-inference audit's e^eps bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant, RDPAccountant
+from scipy.stats import beta
+
+import fedistill.privacy.mechanisms as mechanisms
+from fedistill.config import ConfigError, parse_config
+from fedistill.data import ImageData
+from fedistill.distill import DistillSettings, get_distiller
+from fedistill.distill.embedding import random_network
+from fedistill.models import ModelSpec, build_model
+from fedistill.privacy import (
+    CLASS_COUNTS,
+    Access,
+    PrivacyLedger,
+    PrivateData,
+    calibrate_noise_multiplier,
+    clipped_class_sums,
+    compute_epsilon,
+    plan_privacy,
+    release_class_counts,
+)
+from fedistill.privacy.dpsgd import dp_sgd
+from server.validation import ReplyLimits, validate_set_arrays
+
+CPU = torch.device("cpu")
+SPEC = ModelSpec(width=16, depth=2)
+
+
+@pytest.fixture
+def noise_draws(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, ...]]]:
+    """Every call of the one DP noise source, by shape."""
+    draws: list[tuple[int, ...]] = []
+    original = mechanisms.gaussian_noise
+
+    def counted(shape, std, generator):  # type: ignore[no-untyped-def]
+        draws.append(tuple(shape))
+        return original(shape, std, generator)
+
+    monkeypatch.setattr(mechanisms, "gaussian_noise", counted)
+    yield draws
+
+
+def private_data(labels: np.ndarray, sigma: float = 2.0, rate: float = 0.2, clip: float = 1.0,
+                 counts: np.ndarray | None = None, seed: int = 0) -> PrivateData:
+    ledger = PrivacyLedger(delta=1e-5)
+    generator = torch.Generator().manual_seed(seed)
+    if counts is None:
+        counts = release_class_counts(labels, 10, ledger, 5.0, generator, 1)
+    return PrivateData(np.asarray(counts), rate, clip, sigma, 0, ledger, generator, 1)
+
+
+def settings(**overrides) -> DistillSettings:  # type: ignore[no-untyped-def]
+    values = {"ipc": 3, "iterations": 6, "init": "noise", "dsa": True, "compile": "off",
+              "dsa_strategy": "color_crop_cutout_scale_rotate", "outer_loop": 2, "inner_loop": 1}
+    return DistillSettings(**{**values, **overrides})
+
+
+def distil(method: str, data: ImageData, privacy: PrivateData, **overrides):  # type: ignore[no-untyped-def]
+    distiller = get_distiller(method)(SPEC, settings(**overrides), CPU, privacy=privacy)
+    return distiller(data.normalized(), torch.from_numpy(data.labels), 10, seed=3)
+
+
+# ------------------------------------------------------------------ accounting
+
+
+def test_ledger_epsilon_equals_an_independent_opacus_recomputation() -> None:
+    sigma, rate, steps, count_sigma = 1.3, 0.05, 40, 20.0
+    ledger = PrivacyLedger(delta=1e-5)
+    ledger.record(Access("class-counts", count_sigma, 1.0, 1, 1))
+    for server_round in (1, 2, 3):
+        for _ in range(steps):
+            ledger.record(Access("dp-dm", sigma, rate, 1, server_round))
+    assert ledger.steps("dp-dm") == 3 * steps and len(ledger.accesses) == 4
+    stepwise = RDPAccountant()
+    stepwise.step(noise_multiplier=count_sigma, sample_rate=1.0)
+    for _ in range(3 * steps):
+        stepwise.step(noise_multiplier=sigma, sample_rate=rate)
+    assert ledger.epsilon().value == pytest.approx(stepwise.get_epsilon(1e-5), rel=1e-12)
+    assert ledger.epsilon().accountant == "rdp"
+    prv = PRVAccountant()
+    prv.history = [(count_sigma, 1.0, 1), (sigma, rate, 3 * steps)]
+    prv_ledger = PrivacyLedger.from_dict({**ledger.to_dict(), "accountant": "prv"})
+    assert prv_ledger.epsilon().value == pytest.approx(prv.get_epsilon(1e-5), rel=1e-9)
+    assert prv_ledger.epsilon().value < ledger.epsilon().value  # PRV is the tighter bound here
+
+
+def test_prv_failures_fall_back_to_rdp_and_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    history = [(1.0, 0.1, 100)]
+    rdp = compute_epsilon(history, 1e-5, "rdp")
+
+    def broken(self, delta, **kwargs):  # type: ignore[no-untyped-def]
+        raise ValueError("domain too large")
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", broken)
+    fallback = compute_epsilon(history, 1e-5, "prv")
+    assert fallback.value == rdp.value and fallback.accountant == "rdp" and "PRV failed" in fallback.note
+    assert "RDP accountant" in fallback.describe() and "add/remove one record" in fallback.describe()
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, delta, **kwargs: float("nan"))
+    assert compute_epsilon(history, 1e-5, "prv").accountant == "rdp"
+
+
+@pytest.mark.parametrize(("target", "prior"), [(1.0, []), (1.0, [(20.0, 1.0, 1)]), (8.0, [(20.0, 1.0, 1)])])
+def test_calibration_hits_the_target_from_below(target: float, prior: list) -> None:  # type: ignore[type-arg]
+    rate, steps = 0.04, 300
+    sigma = calibrate_noise_multiplier(target, 1e-5, rate, steps, "rdp", prior=prior)
+    spent = compute_epsilon([*prior, (sigma, rate, steps)], 1e-5).value
+    assert target * 0.99 <= spent <= target
+    assert compute_epsilon([*prior, (sigma * 0.97, rate, steps)], 1e-5).value > target
+
+
+def test_plan_covers_the_count_release_and_all_rounds() -> None:
+    config = parse_config({
+        "distill": {"method": "dp-gm", "ipc": 10, "iterations": 5, "init": "noise", "outer_loop": 3},
+        "federation": {"protocol": "multi-round", "rounds": 4},
+        "privacy": {"enabled": True, "target_epsilon": 2.0, "sample_rate": 0.02},
+    })
+    plan = plan_privacy(config)
+    assert plan.steps_per_round == 15 and plan.rounds == 4
+    assert plan.history() == [(20.0, 1.0, 1), (plan.noise_multiplier, 0.02, 60)]
+    assert 1.98 <= plan.planned_epsilon().value <= 2.0
+
+
+# ------------------------------------------------------------------ mechanisms
+
+
+def test_counts_are_released_once_and_reused_without_fresh_noise(noise_draws: list) -> None:  # type: ignore[type-arg]
+    labels = np.repeat(np.arange(4), [50, 30, 0, 7])
+    ledger = PrivacyLedger(delta=1e-5)
+    first = release_class_counts(labels, 4, ledger, 3.0, torch.Generator().manual_seed(0), 1)
+    again = release_class_counts(labels, 4, ledger, 3.0, torch.Generator().manual_seed(99), 2)
+    assert np.array_equal(first, again) and len(noise_draws) == 1
+    assert ledger.steps(CLASS_COUNTS) == 1 and ledger.released(CLASS_COUNTS) == first.tolist()
+    assert first[2] == 0 and (first >= 0).all()  # an absent class stays absent: the label set is public
+    with pytest.raises(ValueError, match="already released"):
+        ledger.remember(CLASS_COUNTS, first)
+
+
+def test_clipping_bounds_what_one_outlier_record_changes(digits_train: ImageData) -> None:
+    """Add/remove one extreme record: the noiseless release moves by exactly the clip norm, for DM and GM.
+
+    An MLP (no normalisation) lets a 1e4-valued image produce a huge embedding
+    and gradient; instance norm would hide the outlier before clipping does.
+    """
+    clip = 0.7
+    mlp = ModelSpec(arch="mlp", hidden=32)
+    images = digits_train.normalized()[:120]
+    labels = torch.from_numpy(digits_train.labels[:120])
+    outlier = torch.full((1, *images.shape[1:]), 1e4)
+    neighbours = torch.cat([labels, torch.tensor([4])])
+    net = random_network(mlp, images.shape[1:], 10, torch.Generator().manual_seed(0), CPU)
+    with torch.no_grad():
+        features = net.embed(torch.cat([images, outlier]))
+    assert features[-1].norm() > 1000 * clip
+    without = clipped_class_sums(features[:-1], labels, 10, clip)
+    with_outlier = clipped_class_sums(features, neighbours, 10, clip)
+    assert (with_outlier - without).norm() == pytest.approx(clip, rel=1e-12)
+
+    gm = get_distiller("dp-gm")(mlp, settings(), CPU, privacy=private_data(digits_train.labels))
+    trainable = random_network(mlp, images.shape[1:], 10, torch.Generator().manual_seed(1), CPU, trainable=True)
+    per_record = GradSampleModule(trainable, loss_reduction="sum")
+    order = torch.cat([torch.nonzero(neighbours == c).flatten() for c in range(10)])
+    slot_ids = [torch.full((int((neighbours == c).sum()),), c) for c in range(10)]
+    records = torch.cat([images, outlier])[order]
+    grads = gm._record_gradients(per_record, list(trainable.parameters()), records, list(range(10)), slot_ids)
+    groups, is_outlier = torch.cat(slot_ids), order == len(images)
+    full = clipped_class_sums(grads, groups, 10, clip)
+    reduced = clipped_class_sums(grads[~is_outlier], groups[~is_outlier], 10, clip)
+    assert grads[is_outlier].norm() > 1000 * clip
+    assert (full - reduced).norm() == pytest.approx(clip, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dp-dm", "dp-gm"])
+def test_noise_is_drawn_once_per_release_and_every_release_is_accounted(
+    method: str, digits_train: ImageData, noise_draws: list  # type: ignore[type-arg]
+) -> None:
+    privacy = private_data(digits_train.labels, rate=0.1)
+    assert len(noise_draws) == 1  # the count release
+    syn = distil(method, digits_train, privacy, iterations=4)
+    releases = 4 if method == "dp-dm" else 4 * 2
+    present = int((privacy.budgets(3) > 0).sum())
+    assert len(noise_draws) == 1 + releases
+    assert all(shape[0] == present for shape in noise_draws[1:])  # one draw covers all classes of a release
+    assert privacy.ledger.steps(method) == releases and privacy.ledger.steps() == 1 + releases
+    history = [(a.noise_multiplier, a.sample_rate, a.steps) for a in privacy.ledger.accesses]
+    assert history == [(5.0, 1.0, 1), (2.0, 0.1, releases)]
+    assert np.array_equal(syn.source_counts, privacy.counts)
+
+
+def test_dp_sgd_steps_reach_the_ledger_and_opacus_draws_noise_once_per_step(
+    digits_train: ImageData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import opacus.optimizers.optimizer as dp_optimizer
+
+    calls: list[int] = []
+    original = dp_optimizer._generate_noise
+
+    def counted(std, reference, generator=None, secure_mode=False):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return original(std, reference, generator, secure_mode)
+
+    monkeypatch.setattr(dp_optimizer, "_generate_noise", counted)
+    privacy = private_data(digits_train.labels, rate=0.1)
+    model = build_model(SPEC, (1, 8, 8), 10)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = dp_sgd(model, digits_train.normalized(), torch.from_numpy(digits_train.labels), privacy, 2, 0.05, 0.9)
+    parameters = len(list(model.parameters()))
+    assert steps == 2 * 10 and len(calls) == steps * parameters
+    assert privacy.ledger.steps("dp-sgd") == steps
+    assert [a.entry() for a in privacy.ledger.accesses][-1] == (2.0, 0.1, steps)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_private_initial_set_is_noise_whatever_the_private_images(digits_train: ImageData) -> None:
+    labels = digits_train.labels
+    counts = np.bincount(labels, minlength=10)
+    inverted = ImageData(255 - digits_train.images, labels, digits_train.info)
+    sets = [distil("dp-dm", data, private_data(labels, counts=counts), iterations=0)
+            for data in (digits_train, inverted)]
+    assert torch.equal(sets[0].images, sets[1].images)
+    budgets = np.minimum(counts, 3)
+    expected = torch.randn((int(budgets.sum()), 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sets[0].images, expected)
+    private = digits_train.normalized().flatten(1)
+    assert torch.cdist(sets[0].images.flatten(1), private).min() > 1.0
+
+
+def test_private_methods_refuse_real_init_and_batchnorm(digits_train: ImageData) -> None:
+    privacy = private_data(digits_train.labels)
+    with pytest.raises(ValueError, match="distill.init"):
+        get_distiller("dp-dm")(SPEC, settings(init="real"), CPU, privacy=privacy)
+    with pytest.raises(ValueError, match="model.norm"):
+        get_distiller("dp-gm")(ModelSpec(norm="batchnorm"), settings(), CPU, privacy=privacy)
+
+
+def test_private_set_uses_released_counts_and_passes_server_validation(digits_train: ImageData) -> None:
+    privacy = private_data(digits_train.labels, counts=np.array([0, 2, 40, 1, 50, 60, 0, 70, 80, 90]))
+    privacy.min_class_count = 2
+    syn = distil("dp-dm", digits_train, privacy, iterations=2)
+    assert syn.images_per_class().tolist() == [0, 2, 3, 0, 3, 3, 0, 3, 3, 3]
+    assert syn.source_counts.tolist() == [0, 2, 40, 1, 50, 60, 0, 70, 80, 90]
+    limits = ReplyLimits(num_classes=10, image_shape=(1, 8, 8), max_images=30, max_bytes=2**20)
+    validate_set_arrays(syn.to_arrays(), limits)
+
+
+# ------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"privacy": {"enabled": True}, "distill": {"init": "noise"}},
+         "distill.method 'dm' is not differentially private; allowed with privacy.enabled: dp-dm, dp-gm"),
+        ({"distill": {"method": "dp-dm", "init": "noise"}}, "distill.method 'dp-dm' needs privacy.enabled = true"),
+        ({"privacy": {"enabled": True}, "distill": {"method": "dp-dm"}}, "distill.init 'real'"),
+        ({"privacy": {"enabled": True}, "distill": {"method": "dp-gm", "init": "noise"},
+          "model": {"norm": "batchnorm"}},
+         "model.norm 'batchnorm'"),
+        ({"privacy": {"enabled": True}, "federation": {"protocol": "fedprox"}},
+         "allowed with privacy.enabled: one-shot, multi-round, fedavg"),
+        ({"privacy": {"enabled": True}, "federation": {"protocol": "fedavg"}, "data": {"name": "npz", "path": "x.npz"}},
+         "data.name 'npz'"),
+        ({"privacy": {"accountant": "gdp"}}, "privacy.accountant: invalid value 'gdp'; allowed: 'rdp' or 'prv'"),
+        ({"privacy": {"sample_rate": 1.5}}, "privacy.sample_rate"),
+        ({"privacy": {"delta": 0}}, "privacy.delta"),
+    ],
+)
+def test_privacy_config_errors_name_the_key(values: dict, message: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        parse_config(values)
+
+
+def test_ledger_round_trips_through_json() -> None:
+    ledger = PrivacyLedger(delta=1e-6, accountant="prv")
+    ledger.record(Access("class-counts", 20.0, 1.0, 1, 1))
+    ledger.record(Access("dp-dm", 1.5, 0.02, 7, 1))
+    ledger.record(Access("dp-dm", 1.5, 0.02, 7, 2))
+    ledger.remember(CLASS_COUNTS, [3.0, 0.0])
+    copy = PrivacyLedger.from_json(ledger.to_json())
+    assert copy == ledger and copy.epsilon() == ledger.epsilon()
+    assert [entry["round"] for entry in copy.by_round()] == [1, 2]
+    with pytest.raises(ValueError, match="privacy ledger"):
+        PrivacyLedger.from_json('{"version": 1, "delta": 0.1}')
+
+
+# ------------------------------------------------------------------ empirical audit
+
+
+def _clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[float, float]:
+    alpha = 1 - confidence
+    low = 0.0 if successes == 0 else beta.ppf(alpha / 2, successes, trials - successes + 1)
+    high = 1.0 if successes == trials else beta.ppf(1 - alpha / 2, successes + 1, trials - successes)
+    return float(low), float(high)
+
+
+def _audit_epsilon(released: torch.Tensor, members: ImageData, others: ImageData, delta: float) -> tuple[float, float]:
+    """Nearest-neighbour membership attack on a released set at 1% FPR.
+
+    Score: distance from a candidate record to the closest released image
+    (closer means "member"). Returns the TPR and a 95% lower bound on epsilon
+    from TPR <= e^eps * FPR + delta (Clopper-Pearson on both rates).
+    """
+    distances = [torch.cdist(d.normalized().flatten(1), released.flatten(1)).min(dim=1).values.numpy()
+                 for d in (members, others)]
+    threshold = np.quantile(distances[1], 0.01)
+    true_positives = int((distances[0] < threshold).sum())
+    false_positives = int((distances[1] < threshold).sum())
+    tpr_low, _ = _clopper_pearson(true_positives, len(members), 0.95)
+    _, fpr_high = _clopper_pearson(false_positives, len(others), 0.95)
+    bound = math.log(max(tpr_low - delta, 1e-12) / fpr_high)
+    return true_positives / len(members), bound
+
+
+def test_membership_audit_of_a_dp_set_stays_within_the_epsilon_bound(digits_train: ImageData,
+                                                                     digits_test: ImageData) -> None:
+    """The audit finds members in a released real subset of the set's size (power), not in a DP-DM set at eps 1."""
+    members = digits_train.subset(np.arange(300))
+    others = digits_test.subset(np.arange(400))
+    subset = members.normalized()[torch.randperm(300, generator=torch.Generator().manual_seed(0))[:100]]
+    leaky_tpr, leaky_bound = _audit_epsilon(subset, members, others, 1e-5)
+    assert leaky_bound > 1.0, f"the audit has no power (TPR {leaky_tpr:.3f} at 1% FPR)"
+
+    config = parse_config({
+        "distill": {"method": "dp-dm", "ipc": 10, "iterations": 60, "init": "noise"},
+        "privacy": {"enabled": True, "target_epsilon": 1.0, "sample_rate": 0.3, "count_noise_multiplier": 20.0},
+    })
+    plan = plan_privacy(config)
+    ledger = PrivacyLedger(delta=1e-5)
+    generator = torch.Generator().manual_seed(7)
+    counts = release_class_counts(members.labels, 10, ledger, plan.count_noise_multiplier, generator, 1)
+    privacy = PrivateData(counts, plan.sample_rate, plan.clip_norm, plan.noise_multiplier, 0, ledger, generator, 1)
+    distiller = get_distiller("dp-dm")(SPEC, settings(ipc=10, iterations=60), CPU, privacy=privacy)
+    syn = distiller(members.normalized(), torch.from_numpy(members.labels), 10, seed=1)
+    spent = ledger.epsilon().value
+    assert spent <= 1.0 and len(syn) == int(np.minimum(counts, 10).sum())
+    private_tpr, private_bound = _audit_epsilon(syn.images, members, others, 1e-5)
+    assert private_tpr <= math.exp(spent) * 0.01 + 1e-5 + 0.03  # sampling slack for 300 members
+    assert private_bound <= spent
+
+
+def test_shipped_private_configs_are_valid_and_plan_within_their_target() -> None:
+    from pathlib import Path
+
+    from fedistill.config import load_config
+
+    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/*-dp-*.toml"))
+    assert paths, "configs/fed-dp-dm.toml is documented in README.md"
+    for path in paths:
+        config = load_config(path)
+        assert config.privacy.enabled and not config.privacy.reproducible
+        assert plan_privacy(config).planned_epsilon().value <= config.privacy.target_epsilon
