@@ -49,4 +49,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point of ``flwr run``: the run config is the flat form of an experiment file."""
-    run_protocol(grid, from_run_config(context.run_config))
+    config = from_run_config(context.run_config)
+    run_dir = run_protocol(grid, config)
+    if config.attack.audit:
+        from attacks.audit import run_audit
+
+        run_audit(run_dir)

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from safetensors.torch import save_file
 
+from attacks.defenses import defend_sets
 from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData, load_dataset
 from fedistill.device import pick_device
@@ -32,7 +33,7 @@ from fedistill.report import save_class_grids
 from fedistill.runs import create_run_dir, save_config
 from fedistill.synthetic import SyntheticSet
 from fedistill.training import TrainSettings, evaluate_model, evaluate_set, train_model
-from server.aggregation import AggregationContext, ClientSet, get_aggregator
+from server.aggregation import AggregateResult, AggregationContext, ClientSet, get_aggregator
 from server.history import RoundRecord, RunHistory, write_history
 from server.validation import InvalidReply, ReplyLimits, validate_set_arrays
 
@@ -158,6 +159,7 @@ def run_distillation(grid: GridLike, config: ExperimentConfig, console: Console 
     nodes = wait_for_nodes(grid, federation.min_clients, federation.round_timeout_s)
     global_model: torch.nn.Module | None = None
     evaluation: dict[str, Any] | None = None
+    defense_reports: list[dict[str, Any]] = []
     for server_round in range(1, federation.rounds + 1):
         global_record = None if global_model is None else state_to_record(global_model.state_dict())
         console.print(
@@ -183,7 +185,9 @@ def run_distillation(grid: GridLike, config: ExperimentConfig, console: Console 
         round_dir.mkdir()
         for client in outcome.accepted:
             client.set.save(round_dir / f"node-{client.client_id}.safetensors")
-        aggregate = get_aggregator(federation.aggregation)(outcome.accepted, _aggregation_context(config, test, device))
+        aggregate, defense = aggregate_round(outcome.accepted, config, test, device)
+        if defense is not None:
+            defense_reports.append({"round": server_round, **defense})
         aggregate_set = aggregate.set
         if federation.soft_labels and global_model is not None:
             aggregate_set = with_soft_labels(aggregate_set, global_model)
@@ -244,9 +248,27 @@ def run_distillation(grid: GridLike, config: ExperimentConfig, console: Console 
         "eval": evaluation,
         "device": str(device),
     }
+    if defense_reports:
+        summary["defense"] = defense_reports
     write_history(run_dir, history, summary)
     console.print(_summary(summary, run_dir))
     return run_dir
+
+
+def aggregate_round(
+    clients: list[ClientSet], config: ExperimentConfig, test: ImageData, device: torch.device,
+    defense: str | None = None,
+) -> tuple[AggregateResult, dict[str, Any] | None]:
+    """The round's aggregate: the defence (``defense``, default ``attack.defense.method``) filters the
+    client sets, then the aggregation rule combines what is left. Also returns the defence's report."""
+    method = config.attack.defense.method if defense is None else defense
+    report = None
+    if method != "none":
+        result, report = defend_sets([client.set for client in clients], config, device, method)
+        report["clients"] = [client.client_id for client in clients]
+        clients = [ClientSet(client.client_id, kept) for client, kept in zip(clients, result.kept) if len(kept)]
+        log.info("defense %s removed %s images", method, report["removed"])
+    return get_aggregator(config.federation.aggregation)(clients, _aggregation_context(config, test, device)), report
 
 
 def fresh_model(config: ExperimentConfig, test: ImageData, device: torch.device, seed: int) -> torch.nn.Module:

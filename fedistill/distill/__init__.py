@@ -4,10 +4,11 @@ from fedistill.distill import coresets, dm, gm  # noqa: F401  (registration side
 from fedistill.distill.base import (
     Distiller,
     DistillSettings,
+    IterationHook,
     ProgressFn,
     available_methods,
     get_distiller,
     register,
 )
 
-__all__ = ["DistillSettings", "Distiller", "ProgressFn", "available_methods", "get_distiller", "register"]
+__all__ = ["DistillSettings", "Distiller", "IterationHook", "ProgressFn", "available_methods", "get_distiller", "register"]
