@@ -48,6 +48,8 @@ MIN_CLASS_IMAGES = 5
 """Classes with fewer images (or, for client-outliers, fewer than 3 clients) are left alone: no robust statistics."""
 MAD_SCALE = 1.4826
 """MAD times this estimates the std of a normal distribution."""
+DISTANCE_FLOOR = 0.25
+"""Distance tests flag nothing within 1 + threshold * 0.25 of the median distance (see ``robust_z``)."""
 REFERENCE_SEED_OFFSET = 7_919
 """The reference network's seed is the experiment's plus this (apart from the evaluation networks' seeds)."""
 
@@ -61,11 +63,16 @@ class DefenseResult:
     removed_per_class: list[list[int]]
 
 
-def robust_z(values: torch.Tensor) -> torch.Tensor:
-    """``(x - median) / (1.4826 * MAD)``; zeros where the values do not spread (MAD and mean deviation 0)."""
+def robust_z(values: torch.Tensor, relative_floor: float = 0.0) -> torch.Tensor:
+    """``(x - median) / (1.4826 * MAD)``; zeros where the values do not spread (MAD and mean deviation 0).
+
+    ``relative_floor`` keeps the scale at least that share of ``|median|``: distances
+    in many dimensions concentrate (their MAD is a sliver of their size), so
+    without a floor a client barely farther than the rest would score high.
+    """
     median = values.median()
     deviation = (values - median).abs()
-    scale = MAD_SCALE * deviation.median()
+    scale = max(MAD_SCALE * deviation.median(), relative_floor * median.abs())
     if scale <= 0:
         scale = deviation.mean()
     if scale <= 0:
@@ -145,7 +152,7 @@ class ClassOutliers(SetDefense):
                 continue
             centre = features[rows].median(0).values
             distance = (features[rows] - centre).norm(dim=1)
-            flags[rows] = robust_z(distance) > self.threshold
+            flags[rows] = robust_z(distance, DISTANCE_FLOOR) > self.threshold
         return flags
 
 
@@ -161,7 +168,7 @@ class ClientOutliers(SetDefense):
                 continue
             means = torch.stack([features[rows[owners[rows] == k]].mean(0) for k in clients])
             distance = (means - means.median(0).values).norm(dim=1)
-            flagged = clients[robust_z(distance) > self.threshold]
+            flagged = clients[robust_z(distance, DISTANCE_FLOOR) > self.threshold]
             flags[rows] = torch.isin(owners[rows], flagged)
         return flags
 

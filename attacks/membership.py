@@ -157,7 +157,7 @@ class NearestNeighbour(MembershipAttack):
 def tpr_at_fpr(member_scores: np.ndarray, non_member_scores: np.ndarray, fpr: float) -> tuple[float, float]:
     """Highest TPR at an empirical FPR <= ``fpr`` (threshold chosen on the non-members), and that FPR."""
     labels = np.r_[np.ones(len(member_scores)), np.zeros(len(non_member_scores))]
-    fprs, tprs, _ = roc_curve(labels, np.r_[member_scores, non_member_scores])
+    fprs, tprs, _ = roc_curve(labels, np.r_[member_scores, non_member_scores], drop_intermediate=False)
     ok = np.flatnonzero(fprs <= fpr)
     return float(tprs[ok[-1]]), float(fprs[ok[-1]])
 
