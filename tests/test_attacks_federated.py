@@ -21,6 +21,7 @@ from fedistill.data import load_dataset
 from fedistill.config import ConfigError, ExperimentConfig, from_run_config, load_config, parse_config, to_run_config
 from fedistill.runs import save_config
 from server.baselines import run_baseline
+from server.compare import baseline_config
 from server.federation import run_distillation
 
 runner = CliRunner()
@@ -244,3 +245,8 @@ def test_attack_config_round_trips_through_flowers_run_config() -> None:
                       "attack": {"backdoor": {"method": "doorping", "malicious_clients": [0]}}})
     with pytest.raises(ConfigError, match="'spectral' filters synthetic sets; for protocol 'fedavg'"):
         parse_config({"federation": {"protocol": "fedavg"}, "attack": {"defense": {"method": "spectral"}}})
+    # `fedistill run --against fedavg` keeps the malicious clients and drops a set filter FedAvg cannot apply.
+    defended = parse_config({"attack": {"defense": {"method": "spectral"},
+                                        "backdoor": {"method": "naive", "malicious_clients": [0]}}})
+    baseline = baseline_config(defended, "fedavg", 10**7)
+    assert baseline.attack.defense.method == "none" and baseline.attack.backdoor.malicious() == (0,)
