@@ -162,7 +162,8 @@ def train_on(run: AuditRun, images: torch.Tensor, labels: torch.Tensor, settings
 
 def class_matched_rows(labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
                        exclude: np.ndarray | None = None) -> np.ndarray:
-    """Random rows with ``counts[c]`` images of each class c (fewer where the pool lacks them), none from ``exclude``."""
+    """Random rows with ``counts[c]`` images of each class c (fewer where the pool lacks them), none from
+    ``exclude``."""
     allowed = np.ones(len(labels), dtype=bool)
     if exclude is not None:
         allowed[exclude] = False
@@ -221,7 +222,7 @@ def audit_evasion(run: AuditRun) -> dict[str, Any]:
     for model_name, model in models:
         wrapped = PixelModel(model, run.test.info)
         for attack in cfg.attack_names():
-            radii = run.config.attack.evasion.l2_radii(name) if EVASION.get(attack).norm == "L2" else cfg.linf_radii(name)
+            radii = cfg.l2_radii(name) if EVASION.get(attack).norm == "L2" else cfg.linf_radii(name)
             started = time.perf_counter()
             row = robust_accuracy(wrapped, pixels, labels, attack, radii, seed=run.seed, batch_size=cfg.batch_size,
                                   **params[attack])
@@ -251,7 +252,8 @@ def malicious_triggers(run: AuditRun) -> list[dict[str, Any]]:
             if backdoor.method == "doorping" and run.protocol in DISTILLATION:
                 source += f" (no record of the optimised one at {path})"
                 log.warning("audit: client %d's DOORPING trigger not found at %s; using the configured one", pid, path)
-            out.append({"client": pid, "trigger": configured_trigger(backdoor, run.test.info, run.seed), "source": source})
+            trigger = configured_trigger(backdoor, run.test.info, run.seed)
+            out.append({"client": pid, "trigger": trigger, "source": source})
     return out
 
 

@@ -61,7 +61,9 @@ class Trigger:
 
     def __init__(self, pattern: torch.Tensor, mask: torch.Tensor, kind: str | None = None) -> None:
         if pattern.ndim != 3 or mask.ndim != 3 or mask.shape[1:] != pattern.shape[1:]:
-            raise ValueError(f"trigger: pattern (C, H, W) and mask (1 or C, H, W), got {tuple(pattern.shape)}, {tuple(mask.shape)}")
+            raise ValueError(
+                f"trigger: pattern (C, H, W) and mask (1 or C, H, W), got {tuple(pattern.shape)}, {tuple(mask.shape)}"
+            )
         self.pattern = pattern.float().clamp(0, 1)
         self.mask = mask.float().clamp(0, 1)
         self.kind = kind or self.name
@@ -100,7 +102,9 @@ class Trigger:
 class PatchTrigger(Trigger):
     """A ``size`` x ``size`` square of ``value`` (white) at ``position``: the classic BadNets patch."""
 
-    def __init__(self, shape: tuple[int, int, int], size: int = 3, position: str = "bottom-right", value: float = 1.0) -> None:
+    def __init__(
+        self, shape: tuple[int, int, int], size: int = 3, position: str = "bottom-right", value: float = 1.0
+    ) -> None:
         channels, height, width = shape
         if not 1 <= size <= min(height, width):
             raise ValueError(f"attack.backdoor.patch_size: {size} does not fit {height}x{width} images")
@@ -188,7 +192,14 @@ class Doorping(BackdoorAttack):
     """DOORPING: the trigger is re-optimised every ``period`` distillation iterations and re-stamped."""
 
     def __init__(
-        self, trigger: Trigger, target: int, rate: float, seed: int = 0, period: int = 10, steps: int = 10, lr: float = 0.05
+        self,
+        trigger: Trigger,
+        target: int,
+        rate: float,
+        seed: int = 0,
+        period: int = 10,
+        steps: int = 10,
+        lr: float = 0.05,
     ) -> None:
         super().__init__(trigger, target, rate, seed)
         self.period, self.steps, self.lr = period, steps, lr
@@ -237,7 +248,7 @@ class DoorpingHook:
             self.optimizer.step()
 
     def _raise_activation(self, neuron: int) -> None:
-        """Signed gradient ascent of the unit's mean activation on stamped images, w.r.t. the pattern (kept in [0, 1])."""
+        """Signed gradient ascent of the unit's mean activation on stamped images, on the pattern (kept in [0, 1])."""
         trigger = self.attack.trigger
         network = self.surrogate
         network.eval()
@@ -276,7 +287,7 @@ def build_attack(backdoor: BackdoorConfig, info: DatasetInfo, seed: int) -> Back
 
 
 def client_backdoor(config: ExperimentConfig, partition_id: int, info: DatasetInfo, seed: int) -> BackdoorAttack | None:
-    """The attack a node runs when its partition is one of ``attack.backdoor.malicious_clients``; None for honest nodes."""
+    """The attack a node runs when its partition is in ``attack.backdoor.malicious_clients``; None for honest nodes."""
     if partition_id not in config.attack.backdoor.malicious():
         return None
     return build_attack(config.attack.backdoor, info, seed)

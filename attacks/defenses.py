@@ -100,7 +100,10 @@ class SetDefense(ABC):
         images = torch.cat([s.images for s in sets])
         labels = torch.cat([s.labels.to(images.device) for s in sets])
         owners = torch.cat([torch.full((len(s),), k, device=images.device) for k, s in enumerate(sets)])
-        flags = self.suspicious(features(images).float(), labels, owners).cpu() if len(images) else torch.zeros(0, dtype=torch.bool)
+        if len(images):
+            flags = self.suspicious(features(images).float(), labels, owners).cpu()
+        else:
+            flags = torch.zeros(0, dtype=torch.bool)
         kept, per_set, per_class = [], [], []
         for k, syn in enumerate(sets):
             mine = flags[(owners == k).cpu()]
@@ -195,7 +198,9 @@ def reference_features(
 
     def features(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return torch.cat([model.embed(batch[i : i + 1024].to(device)) for i in range(0, len(batch), 1024)])  # type: ignore[operator]
+            embed = model.embed  # type: ignore[operator]
+            parts = [embed(batch[i : i + 1024].to(device)) for i in range(0, len(batch), 1024)]
+            return torch.cat(parts)
 
     return features, model
 

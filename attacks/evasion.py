@@ -116,7 +116,9 @@ class AutoAttack(EvasionAttack):
         return torchattacks.MultiAttack([
             torchattacks.APGD(model, norm="Linf", eps=eps, seed=seed, loss="ce", n_restarts=1),
             torchattacks.APGDT(model, norm="Linf", eps=eps, seed=seed, n_classes=classes, n_restarts=1),
-            torchattacks.FAB(model, norm="Linf", eps=eps, seed=seed, multi_targeted=True, n_classes=classes, n_restarts=1),
+            torchattacks.FAB(
+                model, norm="Linf", eps=eps, seed=seed, multi_targeted=True, n_classes=classes, n_restarts=1
+            ),
             torchattacks.Square(model, norm="Linf", eps=eps, seed=seed, n_queries=queries, n_restarts=1),
         ])
 

@@ -65,7 +65,9 @@ class MembershipAttack(ABC):
     def scores(self, pixels: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         """Scores of candidate images (float64)."""
 
-    def __call__(self, members: Candidates, non_members: Candidates, bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+    def __call__(
+        self, members: Candidates, non_members: Candidates, bootstrap: int = 200, seed: int = 0
+    ) -> dict[str, Any]:
         """The ROC report (``roc_report``) of this attack on known members and non-members."""
         report = roc_report(self.scores(*members), self.scores(*non_members), bootstrap=bootstrap, seed=seed)
         return {"attack": self.name, **report}
@@ -77,7 +79,8 @@ def _logits(model: nn.Module, pixels: torch.Tensor, batch_size: int = 1024) -> t
     model.eval()
     try:
         with torch.inference_mode():
-            out = [model(pixels[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(pixels), batch_size)]
+            out = [model(pixels[i : i + batch_size].to(device)).float().cpu()
+                   for i in range(0, len(pixels), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out)
@@ -123,7 +126,9 @@ class OfflineLiRA(MembershipAttack):
 
     def __init__(self, model: nn.Module, shadow_models: Sequence[nn.Module]) -> None:
         if len(shadow_models) < 2:
-            raise ValueError(f"attack.membership.shadow_models: LiRA needs at least 2 shadow models, got {len(shadow_models)}")
+            raise ValueError(
+                f"attack.membership.shadow_models: LiRA needs at least 2 shadow models, got {len(shadow_models)}"
+            )
         self.model = model
         self.shadow_models = list(shadow_models)
 
@@ -150,7 +155,8 @@ class NearestNeighbour(MembershipAttack):
 
     def scores(self, pixels: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
         flat = pixels.flatten(1).double().cpu()
-        nearest = [torch.cdist(flat[i : i + self.batch_size], self.released).amin(1) for i in range(0, len(flat), self.batch_size)]
+        nearest = [torch.cdist(flat[i : i + self.batch_size], self.released).amin(1)
+                   for i in range(0, len(flat), self.batch_size)]
         return (-torch.cat(nearest)).numpy()
 
 
@@ -250,7 +256,8 @@ class BoundCheck:
         return any(point.violated for point in self.points)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"eps": self.eps, "delta": self.delta, "violated": self.violated, "points": [asdict(p) for p in self.points]}
+        points = [asdict(point) for point in self.points]
+        return {"eps": self.eps, "delta": self.delta, "violated": self.violated, "points": points}
 
 
 BOUND_SLACK = 1e-9

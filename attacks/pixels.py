@@ -65,7 +65,8 @@ def predict(model: nn.Module, pixels: torch.Tensor, batch_size: int = 1024) -> t
     model.eval()
     try:
         with torch.inference_mode():
-            out = [model(pixels[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(pixels), batch_size)]
+            out = [model(pixels[i : i + batch_size].to(device)).argmax(1).cpu()
+                   for i in range(0, len(pixels), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)

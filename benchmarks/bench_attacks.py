@@ -33,6 +33,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from benchmarks.common import RESULTS, command, hardware, write_result  # noqa: E402
@@ -128,6 +129,7 @@ def run_row(row: str, args: argparse.Namespace) -> Path:
     run_seconds = time.perf_counter() - started
     audit = run_audit(run_dir, console=console)
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    others = other_defenses(run_dir, console) if args.all_defenses and "backdoor" in audit else None
     record = {
         "row": row,
         "budgets": budgets(args),
@@ -138,6 +140,7 @@ def run_row(row: str, args: argparse.Namespace) -> Path:
         "audit_seconds": audit["seconds"],
         "audit": {key: audit[key] for key in ("evasion", "backdoor", "membership", "dp_check", "references")
                   if key in audit},
+        "other_defenses": others,
         "run_dir": str(run_dir),
         "command": command(),
         "hardware": hardware(),
@@ -151,6 +154,33 @@ def run_row(row: str, args: argparse.Namespace) -> Path:
             raise SystemExit("--record: headline records come from full-budget rows, not --toy ones")
         record_headlines({row: record})
     return path
+
+
+def other_defenses(run_dir: Path, console: Console) -> dict[str, Any]:
+    """CTA and ASR of the run's client sets under each set defence the server did not run (same seeds)."""
+    from attacks.audit import client_sets, malicious_triggers, open_run, train_on
+    from attacks.backdoor import backdoor_metrics
+    from attacks.defenses import DEFENSES
+    from attacks.pixels import PixelModel, to_pixels
+    from server.federation import aggregate_round
+
+    run = open_run(run_dir, console=console)
+    pixels = to_pixels(run.test, run.device)
+    labels = torch.from_numpy(run.test.labels)
+    triggers = malicious_triggers(run)
+    out = {}
+    for name in DEFENSES.names():
+        if name == run.config.attack.defense.method:
+            continue
+        aggregate, report = aggregate_round(client_sets(run), run.config, run.test, run.device, defense=name)
+        syn = aggregate.set.to(run.device)
+        model = PixelModel(train_on(run, syn.images, syn.labels, run.settings(), aggregate.weights)[0], run.test.info)
+        rows = [backdoor_metrics(model, pixels, labels, e["trigger"], run.config.attack.backdoor.target)
+                for e in triggers]
+        out[name] = {"cta": rows[0]["cta"], "asr_max": max(r["asr"] for r in rows),
+                     "removed": report["removed"] if report else None}
+        console.print(f"{name}: CTA {100 * out[name]['cta']:.2f}%, ASR {100 * out[name]['asr_max']:.2f}%")
+    return out
 
 
 def load_rows(tag: str) -> dict[str, dict[str, Any]]:
@@ -168,49 +198,53 @@ def pct(value: float | None) -> str:
 
 def tables(rows: dict[str, dict[str, Any]]) -> str:
     """Markdown tables for BENCHMARKS.md from the row files."""
-    out = []
+    out: list[str] = []
     clean = rows.get("clean")
     if clean and "evasion" in clean["audit"]:
-        out.append("| model | clean acc (%) | PGD-20 0.1 | PGD-20 0.2 | AutoAttack 0.1 | AutoAttack 0.2 |")
-        out.append("|---|---|---|---|---|---|")
-        evasion = clean["audit"]["evasion"]["rows"]
-        for model in ("global", "random-real", "full-real"):
-            mine = {r["attack"]: r for r in evasion if r["model"] == model}
-            if not mine:
+        names = {"global": "distilled (global model)", "random-real": "random real, same size",
+                 "full-real": "all real images"}
+        out += ["| model | clean acc (%) | PGD-20 0.1 | PGD-20 0.2 | AutoAttack 0.1 | AutoAttack 0.2 |",
+                "|---|---|---|---|---|---|"]
+        for model, name in names.items():
+            mine = {r["attack"]: r for r in clean["audit"]["evasion"]["rows"] if r["model"] == model}
+            if "pgd" not in mine:
                 continue
-            pgd, auto = mine.get("pgd"), mine.get("autoattack")
-            name = {"global": "distilled (global model)", "random-real": "random real, same size",
-                    "full-real": "all real images"}[model]
-            out.append(f"| {name} | {pct(pgd['clean_accuracy'])} | {pct(pgd['accuracy'][0])} | {pct(pgd['accuracy'][1])}"
-                       f" | {pct(auto['accuracy'][0]) if auto else '–'} | {pct(auto['accuracy'][1]) if auto else '–'} |")
+            pgd, auto = mine["pgd"], mine.get("autoattack")
+            cells = [pct(pgd["clean_accuracy"]), pct(pgd["accuracy"][0]), pct(pgd["accuracy"][1]),
+                     pct(auto["accuracy"][0]) if auto else "–", pct(auto["accuracy"][1]) if auto else "–"]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     backdoor_rows = [(name, r) for name, r in rows.items() if "backdoor" in r["audit"]]
     if backdoor_rows:
-        out.append("| row | server | CTA (%) | ASR (%) max over triggers | CTA without defence | ASR without defence |")
-        out.append("|---|---|---|---|---|---|")
+        out += ["| row | server | CTA (%) | ASR (%) | CTA without defence | ASR without defence |",
+                "|---|---|---|---|---|---|"]
         for name, r in backdoor_rows:
-            summary = r["audit"]["backdoor"]["summary"]
-            arms = list(summary)
-            run_arm, bare = summary[arms[0]], summary.get("without defence")
-            server = r["audit"]["backdoor"]["defense"]
-            server = {"none": "FedAvg"}.get(server, server) if name.split("-")[0] in ("fedavg", "krum", "fedmedian") \
-                else server
-            out.append(f"| {name} | {server} | {pct(run_arm['cta'])} | {pct(run_arm['asr_max'])} | "
-                       f"{pct(bare['cta']) if bare else '–'} | {pct(bare['asr_max']) if bare else '–'} |")
-        if "clean" in rows and "clean-defended" in rows:
-            out.append(f"| clean | none | {pct(rows['clean']['final_accuracy'])} | – | – | – |")
-            out.append(f"| clean-defended | {DEFENSE} | {pct(rows['clean-defended']['final_accuracy'])} | – | – | – |")
+            backdoor = r["audit"]["backdoor"]
+            arms = list(backdoor["summary"].values())
+            bare = backdoor["summary"].get("without defence")
+            server = backdoor["defense"]
+            if name.split("-")[0] in ("fedavg", "krum", "fedmedian"):
+                server = "FedAvg" if server == "none" else server
+            cells = [pct(arms[0]["cta"]), pct(arms[0]["asr_max"]), pct(bare["cta"]) if bare else "–",
+                     pct(bare["asr_max"]) if bare else "–"]
+            out.append(f"| {name} | {server} | " + " | ".join(cells) + " |")
+            for other, values in (r.get("other_defenses") or {}).items():
+                out.append(f"| {name} | {other} (same client sets) | {pct(values['cta'])} | "
+                           f"{pct(values['asr_max'])} | | |")
+        for name in ("clean", "clean-defended"):
+            if name in rows:
+                server = DEFENSE if name == "clean-defended" else "none"
+                out.append(f"| {name} | {server} | {pct(rows[name]['final_accuracy'])} | – | | |")
         out.append("")
     if clean and "membership" in clean["audit"]:
-        out.append("| release | attack | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR |")
-        out.append("|---|---|---|---|---|")
+        out += ["| release | attack | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR |",
+                "|---|---|---|---|---|"]
         for report in clean["audit"]["membership"]["reports"]:
             one, tenth = report["tpr_at_fpr"]["0.01"], report["tpr_at_fpr"]["0.001"]
-            auc_ci = report["auc_ci"] or [None, None]
-            ci = one["ci"] or [None, None]
-            out.append(f"| {report['target']} | {report['attack']} | {report['auc']:.3f} "
-                       f"[{auc_ci[0]:.3f}, {auc_ci[1]:.3f}] | {pct(one['tpr'])} [{pct(ci[0])}, {pct(ci[1])}] | "
-                       f"{pct(tenth['tpr'])} |")
+            auc_low, auc_high = report["auc_ci"] or [float("nan")] * 2
+            low, high = one["ci"] or [None, None]
+            out.append(f"| {report['target']} | {report['attack']} | {report['auc']:.3f} [{auc_low:.3f}, "
+                       f"{auc_high:.3f}] | {pct(one['tpr'])} [{pct(low)}, {pct(high)}] | {pct(tenth['tpr'])} |")
         out.append("")
     return "\n".join(out)
 
@@ -266,6 +300,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.1, help="share of a malicious client's images poisoned")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--output", default="runs/bench-attacks")
+    parser.add_argument("--all-defenses", action="store_true",
+                        help="attacked rows: also retrain under every other set defence (same client sets)")
     parser.add_argument("--tag", default="", help="suffix of the row files")
     parser.add_argument("--toy", action="store_true", help="tiny budgets to check the pipeline (tag -toy)")
     parser.add_argument("--record", action="store_true", help="run: also write the headline result records")

@@ -136,7 +136,7 @@ class BackdoorConfig(_Section):
 
 
 class MembershipConfig(_Section):
-    """Membership inference on the global model and on the set; members are the clients' images, non-members test images."""
+    """Membership inference on the global model and the set; members: the clients' images, non-members: test images."""
 
     enabled: bool = True
     num_targets: int = Field(default=1000, ge=10, description="members, and as many non-members")
@@ -193,7 +193,9 @@ def check_attack(config: ExperimentConfig) -> None:
             + ", ".join(SET_DEFENSES)
         )
     if protocol == "fedprox" and method != "none":
-        raise ValueError(f"attack.defense.method: {method!r} replaces FedAvg; use it with federation.protocol = 'fedavg'")
+        raise ValueError(
+            f"attack.defense.method: {method!r} replaces FedAvg; use it with federation.protocol = 'fedavg'"
+        )
     backdoor = attack.backdoor
     if backdoor.method != "none" and not backdoor.malicious_clients:
         raise ValueError(
@@ -202,7 +204,8 @@ def check_attack(config: ExperimentConfig) -> None:
     outside = [pid for pid in backdoor.malicious() if pid >= config.partition.num_clients]
     if outside:
         raise ValueError(
-            f"attack.backdoor.malicious_clients: {outside} outside the partition ids 0..{config.partition.num_clients - 1}"
+            f"attack.backdoor.malicious_clients: {outside} outside the partition ids "
+            f"0..{config.partition.num_clients - 1}"
         )
     if backdoor.method == "doorping" and not baseline and config.distill.method not in REFINING_METHODS:
         raise ValueError(

@@ -241,7 +241,9 @@ def robust_strategy(config: ExperimentConfig, common: dict[str, Any]) -> _Harnes
         return HarnessFedMedian(**common)
     if defense.method == "fedtrimmedavg":
         return HarnessFedTrimmedAvg(**common, beta=defense.trim_beta)
-    raise ValueError(f"attack.defense.method: {defense.method!r} is not a robust aggregator; allowed: krum, fedmedian, fedtrimmedavg")
+    raise ValueError(
+        f"attack.defense.method: {defense.method!r} is not a robust aggregator; allowed: krum, fedmedian, fedtrimmedavg"
+    )
 
 
 def _is_number(value: Any) -> bool:

@@ -11,4 +11,12 @@ from fedistill.distill.base import (
     register,
 )
 
-__all__ = ["DistillSettings", "Distiller", "IterationHook", "ProgressFn", "available_methods", "get_distiller", "register"]
+__all__ = [
+    "DistillSettings",
+    "Distiller",
+    "IterationHook",
+    "ProgressFn",
+    "available_methods",
+    "get_distiller",
+    "register",
+]
