@@ -17,12 +17,13 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from attacks.backdoor import client_backdoor, trigger_path
 from clients.fit import fit_partition
 from clients.private import LEDGER_KEY, fit_private, train_private
 from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData, client_data, load_dataset, partition_dataset
 from fedistill.device import pick_device
-from fedistill.distill import get_distiller
+from fedistill.distill import IterationHook, get_distiller
 from fedistill.distill.embedding import perturbed_copies
 from fedistill.messages import (
     CONTINUED,
@@ -86,13 +87,16 @@ def distill_partition(
     global_state: dict[str, torch.Tensor] | None = None,
     start: SyntheticSet | None = None,
     privacy: PrivateData | None = None,
+    on_iteration: IterationHook | None = None,
 ) -> tuple[SyntheticSet, dict[str, Any]]:
     """Distill one client's data; returns the set and the metrics its reply carries.
 
     With ``global_state`` the matching networks are perturbed copies of the
     global model (FedDM) instead of random ones; with ``start`` the images
-    continue from the node's previous set. A private method gets ``privacy``;
-    its set's ``source_counts`` (and so ``num-examples``) are the released noisy counts.
+    continue from the node's previous set; ``on_iteration`` goes to the
+    distiller (a malicious node's DOORPING hook). A private method gets
+    ``privacy``; its set's ``source_counts`` (and so ``num-examples``) are the
+    released noisy counts.
     """
     images = data.normalized(device)
     labels = torch.from_numpy(data.labels).to(device)
@@ -108,6 +112,7 @@ def distill_partition(
         device,
         networks=networks,
         start=start if method.refines else None,
+        on_iteration=on_iteration,
         **({} if privacy is None else {"privacy": privacy}),
     )
     started = time.perf_counter()
@@ -162,8 +167,14 @@ def train(msg: Message, context: Context) -> Message:
     data = load_partition(config, partition_id, num_partitions)
     seed = config.seed * 1_000_003 + partition_id * 1009 + server_round
     device = pick_device(config.device)
+    # A malicious node (attack.backdoor.malicious_clients) poisons its own data, the same rows every round.
+    backdoor = client_backdoor(config, partition_id, data.info, seed=config.seed * 1_000_003 + partition_id * 1009)
+    poisoned = None if backdoor is None else backdoor(data)
+    if poisoned is not None:
+        data = poisoned.data
     if config.privacy.enabled:
-        reply = _train_private(msg, context, config, control, data, server_round, seed, device, own_ledger)
+        hook = None if poisoned is None else backdoor.distill_hook(poisoned, config.model.spec(), device)
+        reply = _train_private(msg, context, config, control, data, server_round, seed, device, own_ledger, hook)
         return _with_kept_state(reply, context)
     if control[TASK] == "fit":
         global_state = record_to_state(msg.content.array_records["arrays"])
@@ -183,7 +194,10 @@ def train(msg: Message, context: Context) -> Message:
         seed,
         global_state=None if global_record is None else record_to_state(global_record),
         start=None if previous is None else SyntheticSet.from_arrays(_numpy(previous), data.info.num_classes),
+        on_iteration=None if poisoned is None else backdoor.distill_hook(poisoned, config.model.spec(), device),
     )
+    if backdoor is not None:
+        backdoor.trigger.save(trigger_path(config, partition_id), round=server_round)
     arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
     if global_record is not None:
         context.state[PREVIOUS_SET] = arrays
@@ -210,6 +224,7 @@ def _train_private(
     seed: int,
     device: torch.device,
     own_ledger: bool,
+    on_iteration: IterationHook | None,
 ) -> Message:
     """The same two tasks under the node's privacy budget (``clients.private``); refusals reply without a result."""
     if control[TASK] == "fit":
@@ -232,6 +247,7 @@ def _train_private(
             global_state=None if global_record is None else record_to_state(global_record),
             start=None if previous is None else SyntheticSet.from_arrays(_numpy(previous), data.info.num_classes),
             privacy=privacy,
+            on_iteration=on_iteration,
         )
         arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
         if global_record is not None:

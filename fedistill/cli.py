@@ -39,6 +39,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130
 """What a shell reports for a command ended by Ctrl-C (128 + SIGINT)."""
+DP_VIOLATION_EXIT = 3
 
 
 @contextmanager
@@ -206,6 +207,32 @@ def run(
             rows = comparison_rows(run_dirs)
             console.print(comparison_table(rows))
             write_json(run_dirs[0] / "comparison.json", rows)
+        if cfg.attack.audit:
+            from attacks.audit import run_audit
+
+            run_audit(run_dirs[0], console=console)
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (from fedistill run or flwr run).")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override an attack key, e.g. --set attack.evasion.num_images=200 (repeatable)."),
+    ] = None,
+) -> None:
+    """Run the configured attacks on a finished run: evasion, backdoor CTA/ASR, membership inference, DP bound.
+
+    Reads the run's [attack] section (with --set attack.* overrides) and writes
+    audit.json and audit/*.png into RUN_DIR; see docs/attacks.md. Exits with
+    code 3 when a membership attack beats the run's differential-privacy bound.
+    """
+    with _user_errors():
+        from attacks.audit import run_audit
+
+        result = run_audit(run_dir, parse_sets(set_ or []), console=console)
+    if result["dp_check"].get("violated"):
+        raise typer.Exit(DP_VIOLATION_EXIT)
 
 
 @data_app.command("fetch")

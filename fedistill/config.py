@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedistill.attack_config import AttackConfig, check_attack
 from fedistill.augment import parse_strategy
 from fedistill.distill import DistillSettings, available_methods, get_distiller
 from fedistill.models import ModelSpec
@@ -242,6 +243,7 @@ class ExperimentConfig(_Section):
     eval: EvalConfig = EvalConfig()
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
     def _private_consistent(self) -> ExperimentConfig:
@@ -274,6 +276,11 @@ class ExperimentConfig(_Section):
                 "data.name 'npz' normalises with statistics of the private training split; "
                 "allowed with privacy: fashion-mnist, mnist, cifar10, digits"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _attack_fits(self) -> ExperimentConfig:
+        check_attack(self)
         return self
 
 
@@ -325,14 +332,18 @@ def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return merged
 
 
-def to_run_config(config: ExperimentConfig) -> dict[str, str | int | float | bool]:
-    """Flat ``section.key`` scalars, the shape of Flower's run config; unset (None) values are left out."""
-    flat: dict[str, str | int | float | bool] = {}
-    for key, value in config.model_dump(mode="json").items():
+def to_run_config(config: ExperimentConfig) -> dict[str, Any]:
+    """Flat ``section.key`` (``attack.evasion.key``) values, the shape of Flower's run config; None is left out."""
+    return _flatten(config.model_dump(mode="json"), "")
+
+
+def _flatten(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{inner}": item for inner, item in value.items() if item is not None})
+            flat.update(_flatten(value, f"{prefix}{key}."))
         elif value is not None:
-            flat[key] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -340,11 +351,13 @@ def from_run_config(flat: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a Flower run config (``section.key`` entries) as an experiment; keys outside it are refused."""
     nested: dict[str, Any] = {}
     for dotted, value in flat.items():
-        section, _, key = str(dotted).partition(".")
-        if key:
-            nested.setdefault(section, {})[key] = value
-        else:
-            nested[section] = value
+        *parents, leaf = str(dotted).split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
+        node[leaf] = value
     return parse_config(nested)
 
 

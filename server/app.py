@@ -63,7 +63,12 @@ def main(grid: Grid, context: Context) -> None:
     values = dict(context.run_config)
     resume = str(values.pop("resume", APP_KEYS["resume"]))
     if resume:
-        run_dir = Path(resume)
-        run_protocol(grid, load_config(run_dir / "config.toml"), control=RunControl(resume=run_dir))
+        config = load_config(Path(resume) / "config.toml")
+        run_dir = run_protocol(grid, config, control=RunControl(resume=Path(resume)))
     else:
-        run_protocol(grid, from_run_config(values))
+        config = from_run_config(values)
+        run_dir = run_protocol(grid, config)
+    if config.attack.audit:
+        from attacks.audit import run_audit
+
+        run_audit(run_dir)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 from rich.console import Console
 from rich.table import Table
 
@@ -307,6 +307,32 @@ class HarnessFedProx(_Harness, FedProx):
     """Flower's FedProx (sends ``proximal-mu`` to the nodes) with the harness's bookkeeping and validation."""
 
 
+class HarnessKrum(_Harness, Krum):
+    """Flower's Krum (keeps the one reply closest to its neighbours) with the harness's bookkeeping and validation."""
+
+
+class HarnessFedMedian(_Harness, FedMedian):
+    """Flower's FedMedian (coordinate-wise median) with the harness's bookkeeping and validation."""
+
+
+class HarnessFedTrimmedAvg(_Harness, FedTrimmedAvg):
+    """Flower's FedTrimmedAvg (coordinate-wise trimmed mean) with the harness's bookkeeping and validation."""
+
+
+def robust_strategy(config: ExperimentConfig, common: dict[str, Any]) -> _Harness:
+    """FedAvg replaced by the robust aggregator ``attack.defense.method`` names (krum, fedmedian, fedtrimmedavg)."""
+    defense = config.attack.defense
+    if defense.method == "krum":
+        return HarnessKrum(**common, num_malicious_nodes=defense.assumed_malicious)
+    if defense.method == "fedmedian":
+        return HarnessFedMedian(**common)
+    if defense.method == "fedtrimmedavg":
+        return HarnessFedTrimmedAvg(**common, beta=defense.trim_beta)
+    raise ValueError(
+        f"attack.defense.method: {defense.method!r} is not a robust aggregator; allowed: krum, fedmedian, fedtrimmedavg"
+    )
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -440,9 +466,11 @@ def run_baseline(
     if privacy is not None and checkpoint_privacy:
         privacy.load_state(checkpoint_privacy)
     common["privacy"] = privacy
-    strategy: HarnessFedAvg | HarnessFedProx
+    strategy: _Harness
     if federation.protocol == "fedprox":
         strategy = HarnessFedProx(**common, proximal_mu=federation.proximal_mu)
+    elif config.attack.defense.method != "none":
+        strategy = robust_strategy(config, common)
     else:
         strategy = HarnessFedAvg(**common)
     nodes_seen = [0]
@@ -511,6 +539,7 @@ def run_baseline(
             "download_bytes": sum(r.download_bytes for r in history.rounds),
             "model_bytes": model_bytes,
             "proximal_mu": federation.proximal_mu if federation.protocol == "fedprox" else 0.0,
+            "defense": config.attack.defense.method,
             "initial": state["initial"],
             "final_accuracy": history.final_accuracy() if history.rounds else None,
             "device": str(device),

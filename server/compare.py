@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.table import Table
 
+from fedistill.attack_config import SET_DEFENSES
 from fedistill.config import ExperimentConfig, parse_config
 from fedistill.data import dataset_info
 from fedistill.models import build_model
@@ -48,6 +49,8 @@ def baseline_config(config: ExperimentConfig, protocol: str, upload_bytes: int) 
         raise ValueError(f"--against: unknown baseline {protocol!r}; allowed: {', '.join(BASELINES)}")
     values = config.model_dump(mode="json")
     values["federation"].update(protocol=protocol, rounds=1, soft_labels=False)
+    if values["attack"]["defense"]["method"] in SET_DEFENSES:
+        values["attack"]["defense"]["method"] = "none"  # set filters have no FedAvg counterpart: plain FedAvg
     rounds = equal_upload_rounds(upload_bytes, parse_config(values))
     values["federation"]["rounds"] = rounds
     return parse_config(values)

@@ -37,6 +37,7 @@ from flwr.common.constant import ErrorCode
 from rich.console import Console
 from rich.table import Table
 
+from attacks.defenses import defend_sets
 from fedistill.atomic import save_tensors
 from fedistill.checkpoint import Checkpoint, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from fedistill.config import ExperimentConfig, experiment_fingerprint
@@ -59,7 +60,7 @@ from fedistill.report import save_class_grids
 from fedistill.runs import create_run_dir, save_config
 from fedistill.synthetic import SyntheticSet
 from fedistill.training import TrainSettings, evaluate_model, evaluate_set, train_model
-from server.aggregation import AggregationContext, ClientSet, get_aggregator
+from server.aggregation import AggregateResult, AggregationContext, ClientSet, get_aggregator
 from server.history import RoundRecord, RunHistory, write_history
 from server.privacy import ClientPrivacy, PrivacyRecorder, read_privacy, refusal_reason
 from server.validation import (
@@ -480,6 +481,8 @@ class ServerState:
     kept: dict[int, KeptState] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     """The server's privacy record (``PrivacyRecorder.to_state``); empty in a run without privacy."""
+    defense: list[dict[str, Any]] = field(default_factory=list)
+    """Per round, what the set defence (``attack.defense.method``) removed."""
 
     def to_checkpoint(self, config: ExperimentConfig) -> Checkpoint:
         checkpoint = Checkpoint(self.completed)
@@ -498,6 +501,7 @@ class ServerState:
             "kept_records": {str(p): kept.records for p, kept in self.kept.items() if kept.records},
             "kept_continuable": sorted(p for p, kept in self.kept.items() if kept.continuable),
             "privacy": self.privacy,
+            "defense": self.defense,
         }
         return checkpoint
 
@@ -511,6 +515,7 @@ class ServerState:
             checkpoint.round,
             evaluation=document.get("evaluation"),
             privacy=document.get("privacy") or {},
+            defense=document.get("defense") or [],
         )
         weights = checkpoint.section("global")
         if weights:
@@ -681,7 +686,9 @@ class DistillationRun:
         round_dir.mkdir(exist_ok=True)
         for client in outcome.accepted:
             client.set.save(round_dir / f"{client.client_id}.safetensors")
-        aggregate = get_aggregator(federation.aggregation)(outcome.accepted, _aggregation_context(config, self.test, self.device))
+        aggregate, defense = aggregate_round(outcome.accepted, config, self.test, self.device)
+        if defense is not None:
+            state.defense.append({"round": server_round, **defense})
         aggregate_set = aggregate.set
         if federation.soft_labels and state.global_model is not None:
             aggregate_set = with_soft_labels(aggregate_set, state.global_model)
@@ -758,6 +765,7 @@ class DistillationRun:
             "device": str(self.device),
             **({} if self.stopped_early is None else {"stopped_early": self.stopped_early}),
             **({} if self.privacy is None else {"privacy": self.privacy.summary()}),
+            **({"defense": self.state.defense} if self.state.defense else {}),
             **extra,
         }
 
@@ -886,6 +894,23 @@ def discard_unfinished_rounds(run_dir: Path, completed: int, rounds: int) -> Non
     for name in names:
         if (run_dir / name).is_dir():
             shutil.rmtree(run_dir / name)
+
+
+def aggregate_round(
+    clients: list[ClientSet], config: ExperimentConfig, test: ImageData, device: torch.device,
+    defense: str | None = None,
+) -> tuple[AggregateResult, dict[str, Any] | None]:
+    """The round's aggregate: the defence (``defense``, default ``attack.defense.method``) filters the
+    client sets, then the aggregation rule combines what is left. Also returns the defence's report."""
+    method = config.attack.defense.method if defense is None else defense
+    clients = sorted(clients, key=lambda client: client.client_id)  # partition order, whatever the arrival order
+    report = None
+    if method != "none":
+        result, report = defend_sets([client.set for client in clients], config, device, method)
+        report["clients"] = [client.client_id for client in clients]
+        clients = [ClientSet(client.client_id, kept) for client, kept in zip(clients, result.kept) if len(kept)]
+        log.info("defense %s removed %s images", method, report["removed"])
+    return get_aggregator(config.federation.aggregation)(clients, _aggregation_context(config, test, device)), report
 
 
 def fresh_model(config: ExperimentConfig, test: ImageData, device: torch.device, seed: int) -> torch.nn.Module:

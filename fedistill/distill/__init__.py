@@ -4,6 +4,7 @@ from fedistill.distill import coresets, dm, dp_dm, dp_gm, gm  # noqa: F401  (reg
 from fedistill.distill.base import (
     Distiller,
     DistillSettings,
+    IterationHook,
     ProgressFn,
     available_methods,
     get_distiller,
@@ -14,6 +15,7 @@ from fedistill.distill.private import PrivateDistiller
 __all__ = [
     "DistillSettings",
     "Distiller",
+    "IterationHook",
     "PrivateDistiller",
     "ProgressFn",
     "available_methods",

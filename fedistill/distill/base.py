@@ -22,6 +22,13 @@ ProgressFn = Callable[[int, int, float], None]
 NetworkSource = Callable[[torch.Generator, bool], nn.Module]
 """``source(generator, trainable)`` gives the network to match under next (default: a fresh random one)."""
 
+IterationHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""Called as ``hook(iteration, real_images, real_labels, synthetic_images)`` before each iteration.
+
+It may update ``real_images`` in place (e.g. a backdoor re-stamping its
+trigger); ``synthetic_images`` is a detached view, to read only.
+"""
+
 
 @dataclass
 class DistillSettings:
@@ -71,16 +78,28 @@ class Distiller(ABC):
         device: torch.device,
         networks: NetworkSource | None = None,
         start: SyntheticSet | None = None,
+        on_iteration: IterationHook | None = None,
     ) -> None:
         """``networks`` replaces the random matching networks (FedDM: the perturbed global model);
-        ``start`` continues from an earlier set of the same per-class sizes instead of ``settings.init``."""
+        ``start`` continues from an earlier set of the same per-class sizes instead of ``settings.init``;
+        ``on_iteration`` is called before each iteration of methods that iterate (see ``IterationHook``)."""
         if start is not None and not self.refines:
             raise ValueError(f"distill.method {self.name}: selects real images and cannot continue from a set")
+        if on_iteration is not None and not self.refines:
+            raise ValueError(f"distill.method {self.name}: selects real images once; there are no iterations to hook")
         self.model_spec = model_spec
         self.settings = settings
         self.device = device
         self.networks = networks
         self.start = start
+        self.on_iteration = on_iteration
+
+    def before_iteration(
+        self, iteration: int, images: torch.Tensor, labels: torch.Tensor, syn: torch.Tensor
+    ) -> None:
+        """Give ``on_iteration`` its turn; iterating methods call this at the top of each iteration."""
+        if self.on_iteration is not None:
+            self.on_iteration(iteration, images, labels, syn.detach())
 
     def network(
         self, image_shape: tuple[int, ...] | torch.Size, num_classes: int, generator: torch.Generator, trainable: bool = False

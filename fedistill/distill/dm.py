@@ -62,6 +62,7 @@ class DistributionMatching(Distiller):
         if self.model_spec.arch == "convnet" and self.model_spec.norm == "batchnorm":
             raise ValueError("distill.method dm: model.norm must not be batchnorm (DM needs per-image features)")
         for iteration in range(settings.iterations):
+            self.before_iteration(iteration, images, labels, syn)
             net = self.network(images.shape[1:], num_classes, generator)
             real_parts, syn_parts, real_sizes = [], [], []
             for cls in present:

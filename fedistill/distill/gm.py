@@ -81,6 +81,7 @@ class _GradientMatching(Distiller):
         optimizer = torch.optim.SGD([syn], lr=settings.lr_images or GM_LR_IMAGES, momentum=GM_MOMENTUM)
         augment = SiameseAugment(settings.dsa_strategy) if self.use_dsa else None
         for iteration in range(settings.iterations):
+            self.before_iteration(iteration, images, labels, syn)
             net = self.network(images.shape[1:], num_classes, generator, trainable=True)
             parameters = list(net.parameters())
             net_optimizer = torch.optim.SGD(parameters, lr=settings.lr_net)
