@@ -11,7 +11,8 @@ the path ``fedistill run`` takes) followed by ``fedistill audit`` on its run dir
   with the defence (the run) and without it (the same client sets aggregated without the filter);
 - ``{fedavg,krum,fedmedian}-{1,2}mal``: the FedAvg baseline under the same malicious clients (poisoning their
   data as NAIVEATTACK does), with Flower's FedAvg, Krum and FedMedian;
-- ``dp-eps{1,10}``: waits for the privacy branch (issue 4); see ``DP_ROWS``.
+- ``dp-eps{1,10}``: the ``clean`` row's run with DP-DM at that epsilon (delta 1e-5) per client; the audit
+  runs membership inference and checks its points against the run's e^eps bound.
 
 ``python -m benchmarks.bench_attacks run ROW [--record]`` runs one row, writes
 ``benchmarks/results/attacks/ROW.json`` and (with ``--record``) the issue's headline records that row
@@ -48,9 +49,8 @@ DP_ROWS = {
     "dp-eps1": {"epsilon": 1.0},
     "dp-eps10": {"epsilon": 10.0},
 }
-"""Rows for DP sets (issue 4's privacy section): once merged, each is the ``clean`` row with the privacy
-section set to the epsilon (delta 1e-5) and the same audit; the audit reads the run's ledger and checks
-TPR <= e^eps FPR + delta at the reported points. ``run`` refuses them until the config has a privacy section."""
+"""Rows for DP sets: the ``clean`` run with ``dp-dm`` from noise at the epsilon (delta 1e-5) per client; the
+audit reads the run's ``privacy.json`` and checks TPR <= e^eps FPR + delta at the reported points."""
 
 
 def budgets(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,6 +88,13 @@ def row_config(row: str, args: argparse.Namespace, output: Path) -> dict[str, An
         attack["membership"] = {"num_targets": args.num_targets, "shadow_models": args.shadows, "random_real": True,
                                 "bootstrap": args.bootstrap}
         return values
+    if row in DP_ROWS:
+        values["distill"].update(method="dp-dm", init="noise")
+        values["privacy"] = {"enabled": True, "target_epsilon": DP_ROWS[row]["epsilon"], "delta": 1e-5,
+                             "sample_rate": 0.1, "clip_norm": 1.0, "accountant": "rdp"}
+        attack["membership"] = {"num_targets": args.num_targets, "shadow_models": 0, "random_real": True,
+                                "bootstrap": args.bootstrap}
+        return values
     if row == "clean-defended":
         attack["defense"]["method"] = DEFENSE
         return values
@@ -111,7 +118,7 @@ def row_config(row: str, args: argparse.Namespace, output: Path) -> dict[str, An
 
 
 ROWS = ("clean", "clean-defended", "doorping-2mal", "naive-2mal", "doorping-1mal", "naive-1mal",
-        "fedavg-2mal", "krum-2mal", "fedmedian-2mal", "fedavg-1mal", "krum-1mal", "fedmedian-1mal")
+        "fedavg-2mal", "krum-2mal", "fedmedian-2mal", "fedavg-1mal", "krum-1mal", "fedmedian-1mal", *DP_ROWS)
 
 
 def run_row(row: str, args: argparse.Namespace) -> Path:
@@ -119,8 +126,6 @@ def run_row(row: str, args: argparse.Namespace) -> Path:
     from fedistill.config import parse_config
     from fedistill.simulation import simulate_run
 
-    if row in DP_ROWS:
-        raise SystemExit(f"{row}: needs the privacy section of issue 4 (not merged in this branch); see DP_ROWS")
     console = Console(stderr=True)
     output = Path(args.output) / row
     config = parse_config(row_config(row, args, output))
@@ -281,6 +286,17 @@ def record_headlines(rows: dict[str, dict[str, Any]]) -> None:
                      note.format(b=clean["budgets"], w=clean["width"])
                      + f"; {best['target']} {best['attack']} (AUC {best['auc']:.3f}, 95% CI {one['ci']}, "
                      f"{best['members']} members vs {best['non_members']} test non-members)")
+    dp = rows.get("dp-eps1")
+    if dp and "membership" in dp["audit"]:
+        synthetic = [r for r in dp["audit"]["membership"]["reports"] if r["target"].startswith("synthetic")]
+        best = max(synthetic, key=lambda r: r["tpr_at_fpr"]["0.01"]["tpr"])
+        one = best["tpr_at_fpr"]["0.01"]
+        check = dp["audit"].get("dp_check", {})
+        write_result("mia-dp-eps1-tpr-at-1pct-fpr", round(100 * one["tpr"], 2), "% TPR at 1% FPR (strongest attack)",
+                     note.format(b=dp["budgets"], w=dp["width"]).replace("one-shot DM", "one-shot DP-DM (eps 1, "
+                                                                          "delta 1e-5 per client)")
+                     + f"; {best['target']} {best['attack']} (AUC {best['auc']:.3f}, 95% CI {one['ci']}); "
+                     f"DP bound check: {check.get('status')}, violated: {check.get('violated')}")
 
 
 def main() -> None:

@@ -59,9 +59,9 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
             "protocol": "fedavg",
             "rounds": args.rounds,
             "local_epochs": args.local_epochs,
-            "local_lr": args.lr,
             "min_clients": 8,
             "round_timeout_s": 7200.0,
+            **({} if args.lr is None else {"local_lr": args.lr}),
         }
     else:
         distill: dict[str, Any] = {"method": args.method, "ipc": 10, "iterations": args.iterations, "init": "noise",
