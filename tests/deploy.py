@@ -291,5 +291,15 @@ class Deployment:
         assert listed.returncode == 0, listed.stdout + listed.stderr
         return [run["status"] for run in json.loads(listed.stdout)["runs"]]
 
+    def wait_until_finished(self, timeout: float = 60.0) -> list[str]:
+        """The runs' statuses once none is still running: the ServerApp writes its last metrics before
+        its process exits and the SuperLink marks the run finished."""
+        deadline = time.monotonic() + timeout
+        statuses = self.run_statuses()
+        while any(not status.startswith("finished") for status in statuses) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            statuses = self.run_statuses()
+        return statuses
+
     def stop(self) -> None:
         stop_all(self.processes)

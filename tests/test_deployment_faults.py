@@ -78,7 +78,7 @@ def test_a_supernode_killed_mid_round_is_left_out_and_a_restarted_one_rejoins(
     # The restarted node (a new node id) is asked from round 2 on and delivers partition 2 again.
     assert any(record["partitions"] == [0, 1, 2] for record in later), context
     assert all(record["accepted"] >= 2 for record in later)
-    assert deployment.run_statuses() == ["finished:completed"], context
+    assert deployment.wait_until_finished() == ["finished:completed"], context
 
 
 def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -137,7 +137,7 @@ def test_tls_and_supernode_authentication_admit_only_registered_nodes(tmp_path: 
         started = secure.submit(tiny_config(output_dir, 2, min_clients=2))
         context = f"{started.stdout}\n{started.stderr}\n{secure.log_tails()}"
         assert started.returncode == 0, context
-        assert secure.run_statuses() == ["finished:completed"], context
+        assert secure.wait_until_finished() == ["finished:completed"], context
         metrics = read_metrics(sorted(output_dir.glob("fed-*"))[0])
         (record,) = metrics["rounds"]
         assert metrics["status"] == "completed" and record["asked"] == 2 and record["partitions"] == [0, 1], context

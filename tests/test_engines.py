@@ -89,7 +89,7 @@ def test_deployment_engine_on_loopback(loopback: Deployment, tmp_path: Path) -> 
     started = loopback.submit(tiny_config(output_dir))
     context = f"flwr run output:\n{started.stdout}\n{started.stderr}\n{loopback.log_tails()}"
     assert started.returncode == 0, context
-    assert loopback.run_statuses() == ["finished:completed"], context
+    assert loopback.wait_until_finished() == ["finished:completed"], context
     assert_completed(the_run_dir(output_dir))
 
 
