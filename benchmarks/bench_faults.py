@@ -573,17 +573,24 @@ def bench_resume(work: Path, kill_after: int) -> dict[str, Any]:
     return {"diff": diff, "final": [straight["final_accuracy"], resumed["final_accuracy"]]}
 
 
+PARTS = ("faults", "fuzz", "resume")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", default=["faults", "fuzz", "resume"], choices=["faults", "fuzz", "resume"])
+    parser.add_argument("parts", nargs="*", help=f"any of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--work", default="runs/bench-faults", help="scratch directory (deleted per part)")
     parser.add_argument("--fuzz-replies", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kill-after", type=int, default=2, help="resume: SIGKILL once this round is checkpointed")
     args = parser.parse_args()
+    unknown = [part for part in args.parts if part not in PARTS]
+    if unknown:
+        parser.error(f"parts: unknown {unknown[0]!r}; allowed: {', '.join(PARTS)}")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     summary = {}
+    args.parts = args.parts or list(PARTS)
     if "fuzz" in args.parts:
         summary["fuzz"] = bench_fuzz(work, args.fuzz_replies, args.seed)
     if "resume" in args.parts:

@@ -99,6 +99,7 @@ class PrivateDistributionMatching(PrivateDistiller):
         mechanism = privacy.mechanism(self.name)
         labels_cpu = labels.cpu()
         for iteration in range(settings.iterations if present else 0):
+            self.before_iteration(iteration, images, labels, syn)
             net = self.network(images.shape[1:], num_classes, generator)
             samples = poisson_by_slot(privacy, labels_cpu, slots)
             real_parts, slot_parts, syn_parts = [], [], []

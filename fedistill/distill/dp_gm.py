@@ -69,6 +69,7 @@ class PrivateGradientMatching(PrivateDistiller):
         mechanism = privacy.mechanism(self.name)
         labels_cpu = labels.cpu()
         for iteration in range(settings.iterations if present else 0):
+            self.before_iteration(iteration, images, labels, syn)
             net = self.network(images.shape[1:], num_classes, generator, trainable=True)
             parameters = [p for p in net.parameters() if p.requires_grad]
             shapes = [p.shape for p in parameters]

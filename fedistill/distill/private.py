@@ -17,7 +17,7 @@ from abc import abstractmethod
 import numpy as np
 import torch
 
-from fedistill.distill.base import Distiller, DistillSettings, NetworkSource
+from fedistill.distill.base import Distiller, DistillSettings, IterationHook, NetworkSource
 from fedistill.models import ModelSpec
 from fedistill.privacy import PrivateData
 from fedistill.synthetic import SyntheticSet
@@ -35,10 +35,11 @@ class PrivateDistiller(Distiller):
         device: torch.device,
         networks: NetworkSource | None = None,
         start: SyntheticSet | None = None,
+        on_iteration: IterationHook | None = None,
         *,
         privacy: PrivateData,
     ) -> None:
-        super().__init__(model_spec, settings, device, networks, start)
+        super().__init__(model_spec, settings, device, networks, start, on_iteration)
         if settings.init != "noise":
             raise ValueError(f"distill.init: {self.name} starts from noise, never from private images; allowed: noise")
         if model_spec.arch == "convnet" and model_spec.norm == "batchnorm":
