@@ -483,7 +483,7 @@ def run_audit(run_dir: Path, overrides: dict[str, Any] | None = None, console: C
         audit["membership"] = audit_membership(run)
     audit["dp_check"] = audit_dp(run, audit.get("membership"))
     if "random-real" in run.cache:
-        audit["references"] = {"random-real": {"images": int(len(run.cache["random-real"][1])),
+        audit["references"] = {"random-real": {"images": len(run.cache["random-real"][1]),
                                                "accuracy": run.cache["random-real"][2]}}
     if "full-real" in run.cache:
         audit.setdefault("references", {})["full-real"] = {"images": len(run.train),

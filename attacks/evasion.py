@@ -165,7 +165,7 @@ def robust_accuracy(
         "epsilons": [float(r) for r in radii],
         "accuracy": accuracy,
         "clean_accuracy": float(clean.float().mean()),
-        "images": int(len(labels)),
+        "images": len(labels),
     }
 
 

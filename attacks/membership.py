@@ -207,8 +207,8 @@ def roc_report(
         "tpr_at_fpr": {
             f"{fpr:g}": {"tpr": at[fpr][0], "fpr": at[fpr][1], "ci": interval(tprs[fpr])} for fpr in fprs
         },
-        "members": int(len(member_scores)),
-        "non_members": int(len(non_member_scores)),
+        "members": len(member_scores),
+        "non_members": len(non_member_scores),
         "ci_method": f"percentile bootstrap, {bootstrap} resamples, 95%",
         "curve": {"fpr": curve_fpr[keep].tolist(), "tpr": curve_tpr[keep].tolist()},
     }

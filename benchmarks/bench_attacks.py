@@ -28,16 +28,16 @@ import os
 # a passive wait keeps 2 threads useful. Set before torch loads OpenMP (Ray workers inherit it).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
+import torch
+from rich.console import Console
 
-from benchmarks.common import RESULTS, command, hardware, write_result  # noqa: E402
+from benchmarks.common import RESULTS, command, hardware, write_result
 
 ROWS_DIR = RESULTS / "attacks"
 MALICIOUS = {1: [0], 2: [0, 1]}

@@ -53,7 +53,7 @@ from fedistill.runs import to_toml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from deploy import Deployment, kill_tree, read_metrics  # noqa: E402  (tests/ helpers, see the docstring)
+from deploy import Deployment, kill_tree, read_metrics
 
 NUM_CLIENTS = 10
 ROUNDS = 5
@@ -434,7 +434,8 @@ def fuzz_collector(count: int, seed: int) -> dict[str, Any]:
 def fuzz_protocol(work: Path, seed: int) -> dict[str, Any]:
     """A whole in-process run (10 clients, 5 rounds) where three nodes fuzz every reply; checks every accepted set."""
     from fedgrid import LocalGrid
-    import server.federation as federation
+
+    from server import federation
 
     outside_a_flower_run()
     rng = np.random.default_rng(seed)

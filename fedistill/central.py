@@ -24,6 +24,7 @@ from rich.table import Table
 from fedistill.config import ConfigError, ExperimentConfig
 from fedistill.data import load_dataset
 from fedistill.device import pick_device
+from fedistill.distill import get_distiller
 from fedistill.privacy import (
     ADJACENCY,
     PrivacyLedger,
@@ -33,7 +34,6 @@ from fedistill.privacy import (
     plan_privacy,
     secret_generator,
 )
-from fedistill.distill import get_distiller
 from fedistill.report import plot_curve, save_class_grids
 from fedistill.runs import create_run_dir, save_config, write_json
 from fedistill.training import EvalResult, TrainSettings, evaluate_set

@@ -80,8 +80,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     version or cannot be read. The RNG states are left in the returned
     checkpoint; ``restore_rng`` applies them.
     """
-    from safetensors import safe_open
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     path = checkpoint_path(run_dir)
     if not path.exists():

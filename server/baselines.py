@@ -62,8 +62,8 @@ from fedistill.runs import create_run_dir, save_config
 from fedistill.training import evaluate_model
 from server.federation import (
     UNAVAILABLE,
-    GridLike,
     BudgetExhausted,
+    GridLike,
     NotEnoughClients,
     RunControl,
     RunInterrupted,

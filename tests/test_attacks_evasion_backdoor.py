@@ -23,7 +23,8 @@ from attacks.backdoor import (
 from attacks.defenses import DEFENSES
 from attacks.evasion import EVASION, robust_accuracy
 from attacks.pixels import PixelModel, normalize, to_pixels
-from fedistill.attack_config import BACKDOOR_METHODS, EVASION_ATTACKS, SET_DEFENSES, TRIGGERS as TRIGGER_NAMES
+from fedistill.attack_config import BACKDOOR_METHODS, EVASION_ATTACKS, SET_DEFENSES
+from fedistill.attack_config import TRIGGERS as TRIGGER_NAMES
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, get_distiller
 from fedistill.models import ModelSpec, build_model

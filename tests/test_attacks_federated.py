@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tests.fedgrid import LocalGrid, fake_task_identity
 from flwr.app import Message
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -17,12 +16,13 @@ import clients.app
 from attacks.backdoor import trigger_path
 from clients.app import load_partition
 from fedistill.cli import app
-from fedistill.data import load_dataset
 from fedistill.config import ConfigError, ExperimentConfig, from_run_config, load_config, parse_config, to_run_config
+from fedistill.data import load_dataset
 from fedistill.runs import save_config
 from server.baselines import run_baseline
 from server.compare import baseline_config
 from server.federation import run_distillation
+from tests.fedgrid import LocalGrid, fake_task_identity
 
 runner = CliRunner()
 

@@ -8,8 +8,8 @@ import torch
 
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, available_methods, get_distiller
-from fedistill.distill.gm import gradient_distance, loop_lengths
 from fedistill.distill.embedding import perturbed_copies
+from fedistill.distill.gm import gradient_distance, loop_lengths
 from fedistill.models import ModelSpec, build_model
 from fedistill.training import TrainSettings, evaluate_set
 

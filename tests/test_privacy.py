@@ -20,7 +20,6 @@ from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy.stats import beta
 
-import fedistill.privacy.mechanisms as mechanisms
 from fedistill.config import ConfigError, parse_config
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, get_distiller
@@ -34,6 +33,7 @@ from fedistill.privacy import (
     calibrate_noise_multiplier,
     clipped_class_sums,
     compute_epsilon,
+    mechanisms,
     plan_privacy,
     release_class_counts,
 )

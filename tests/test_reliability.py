@@ -316,10 +316,9 @@ def test_a_failing_writer_leaves_the_previous_file_and_no_temp_file(tmp_path: Pa
     with pytest.raises(RuntimeError):  # safetensors refuses tensors that share memory, after opening the file
         save_tensors(target, {"a": shared, "b": shared})
     assert torch.equal(load_file(str(target))["w"], torch.ones(3))
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(target) as temp:
-            temp.write_bytes(b"partial")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as temp:
+        temp.write_bytes(b"partial")
+        raise KeyboardInterrupt
     assert torch.equal(load_file(str(target))["w"], torch.ones(3))
     assert sorted(path.name for path in tmp_path.iterdir()) == ["global_model.safetensors"]
 

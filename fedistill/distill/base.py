@@ -9,7 +9,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from fedistill.distill.embedding import random_network

@@ -25,7 +25,7 @@ from torch import nn
 
 from fedistill.augment import SiameseAugment
 from fedistill.distill.base import DistillSettings, ProgressFn, register
-from fedistill.distill.gm import GM_LR_IMAGES, GM_MOMENTUM, gradient_distance, loop_lengths
+from fedistill.distill.gm import GM_LR_IMAGES, GM_MOMENTUM, gradient_distance, loop_lengths, train_on_set
 from fedistill.distill.private import PrivateDistiller, class_slots, poisson_by_slot
 from fedistill.privacy import clipped_class_sums
 from fedistill.synthetic import SyntheticSet
@@ -105,7 +105,9 @@ class PrivateGradientMatching(PrivateDistiller):
                 loss_value += loss.item()
                 if outer == outer_loop - 1:
                     break
-                self._train_network(net, net_optimizer, syn.detach(), syn_labels, inner_loop, augment, generator)
+                train_on_set(
+                    net, net_optimizer, syn.detach(), syn_labels, inner_loop, augment, generator, settings.batch_train
+                )
             per_record.remove_hooks()
             if progress is not None:
                 progress(iteration + 1, settings.iterations, loss_value / outer_loop)
@@ -136,30 +138,6 @@ class PrivateGradientMatching(PrivateDistiller):
         for p in parameters:
             p.grad, p.grad_sample = None, None
         return grads
-
-    def _train_network(
-        self,
-        net: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        epochs: int,
-        augment: SiameseAugment | None,
-        generator: torch.Generator,
-    ) -> None:
-        """The inner loop on the synthetic set only (post-processing), as in ``gm.py``."""
-        batch = self.settings.batch_train
-        for _ in range(epochs):
-            order = torch.randperm(len(images), generator=generator).to(self.device)
-            for start in range(0, len(images), batch):
-                rows = order[start : start + batch]
-                inputs = images[rows]
-                if augment is not None:
-                    inputs = augment(inputs, generator)
-                loss = F.cross_entropy(net(inputs), labels[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
 
 
 def _unflatten(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:

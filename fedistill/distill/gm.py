@@ -108,7 +108,9 @@ class _GradientMatching(Distiller):
                 loss_value += loss.item()
                 if outer == outer_loop - 1:
                     break
-                self._train_network(net, net_optimizer, syn.detach(), syn_labels, inner_loop, augment, generator)
+                train_on_set(
+                    net, net_optimizer, syn.detach(), syn_labels, inner_loop, augment, generator, settings.batch_train
+                )
             if progress is not None:
                 progress(iteration + 1, settings.iterations, loss_value / outer_loop)
         return SyntheticSet(
@@ -119,29 +121,30 @@ class _GradientMatching(Distiller):
             provenance={"init": settings.init, "iterations": settings.iterations, "dsa": self.use_dsa},
         )
 
-    def _train_network(
-        self,
-        net: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        epochs: int,
-        augment: SiameseAugment | None,
-        generator: torch.Generator,
-    ) -> None:
-        """The inner loop: a few epochs of the network on the current synthetic set."""
-        batch = self.settings.batch_train
-        for _ in range(epochs):
-            order = torch.randperm(len(images), generator=generator).to(self.device)
-            for start in range(0, len(images), batch):
-                rows = order[start : start + batch]
-                inputs = images[rows]
-                if augment is not None:
-                    inputs = augment(inputs, generator)
-                loss = F.cross_entropy(net(inputs), labels[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+
+def train_on_set(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    augment: SiameseAugment | None,
+    generator: torch.Generator,
+    batch: int,
+) -> None:
+    """Gradient matching's inner loop: a few epochs of the network on the current synthetic set only
+    (so under DP it is post-processing)."""
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator).to(images.device)
+        for start in range(0, len(images), batch):
+            rows = order[start : start + batch]
+            inputs = images[rows]
+            if augment is not None:
+                inputs = augment(inputs, generator)
+            loss = F.cross_entropy(net(inputs), labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
 
 @register("dc")
