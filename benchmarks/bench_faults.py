@@ -145,7 +145,7 @@ def deployment_run(root: Path, faults: bool) -> dict[str, Any]:
             time.sleep(0.5)
         metrics = read_metrics(sorted(output_dir.glob("fed-*"))[0])
         return {"metrics": metrics, "events": events, "seconds": time.monotonic() - started,
-                "statuses": deployment.run_statuses()}
+                "statuses": deployment.wait_until_finished()}
     finally:
         deployment.stop()
 
