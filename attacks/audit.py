@@ -435,7 +435,7 @@ def audit_dp(run: AuditRun, membership: dict[str, Any] | None) -> dict[str, Any]
     """The (eps, delta) bound at every reported point of the attacks on the released set; loud when violated."""
     ledger = read_privacy(run.run_dir)
     if ledger is None:
-        return {"status": "no privacy ledger in the run directory (privacy.json or metrics.json 'privacy')"}
+        return {"status": "no privacy ledger in the run directory (no privacy.json: the run was not private)"}
     eps, delta, source = ledger
     if membership is None:
         return {"status": "membership audit disabled; nothing to check", "eps": eps, "delta": delta}
