@@ -16,7 +16,8 @@ from types import TracebackType
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _children_map() -> dict[int, list[int]]:
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid``, from /proc (processes in their own session included)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -27,20 +28,22 @@ def _children_map() -> dict[int, list[int]]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
-    return children
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def tree_rss_bytes(root: int) -> int:
     """Summed RSS of ``root`` and its live descendants."""
-    children = _children_map()
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
+    total = 0
+    for pid in [root, *descendants(root)]:
         try:
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
         except (OSError, IndexError, ValueError):
             pass
-        todo.extend(children.get(pid, []))
     return total
 
 

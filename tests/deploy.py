@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.memory import descendants
 from fedistill.config import ExperimentConfig, parse_config, to_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,26 +72,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of ``pid`` (from /proc): SuperExec and app processes, some in their own session."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def command_line(pid: int) -> str:
