@@ -128,35 +128,38 @@ def _classes(labels: torch.Tensor) -> list[torch.Tensor]:
     return [(labels == c).nonzero().flatten() for c in labels.unique().tolist()]
 
 
-@DEFENSES.register("spectral")
-class SpectralSignature(SetDefense):
-    """Per class: robust z of the projection on the top singular vector of the centred features."""
+class PerImageDefense(SetDefense):
+    """Defences that score each image against the rest of its class; classes with too few images are left alone."""
+
+    @abstractmethod
+    def class_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """One class's images' features -> a robust z per image; above the threshold is suspicious."""
 
     def suspicious(self, features: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
         flags = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
         for rows in _classes(labels):
-            if len(rows) < MIN_CLASS_IMAGES:
-                continue
-            centred = features[rows] - features[rows].mean(0)
-            _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-            projection = centred @ vh[0]
-            flags[rows] = robust_z(projection).abs() > self.threshold
+            if len(rows) >= MIN_CLASS_IMAGES:
+                flags[rows] = self.class_scores(features[rows]) > self.threshold
         return flags
+
+
+@DEFENSES.register("spectral")
+class SpectralSignature(PerImageDefense):
+    """Per class: robust z of the projection on the top singular vector of the centred features (two-sided)."""
+
+    def class_scores(self, features: torch.Tensor) -> torch.Tensor:
+        centred = features - features.mean(0)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        return robust_z(centred @ vh[0]).abs()
 
 
 @DEFENSES.register("class-outliers")
-class ClassOutliers(SetDefense):
+class ClassOutliers(PerImageDefense):
     """Per class: robust z of each image's distance to the class's median feature (one-sided)."""
 
-    def suspicious(self, features: torch.Tensor, labels: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-        flags = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
-        for rows in _classes(labels):
-            if len(rows) < MIN_CLASS_IMAGES:
-                continue
-            centre = features[rows].median(0).values
-            distance = (features[rows] - centre).norm(dim=1)
-            flags[rows] = robust_z(distance, DISTANCE_FLOOR) > self.threshold
-        return flags
+    def class_scores(self, features: torch.Tensor) -> torch.Tensor:
+        distance = (features - features.median(0).values).norm(dim=1)
+        return robust_z(distance, DISTANCE_FLOOR)
 
 
 @DEFENSES.register("client-outliers")

@@ -185,6 +185,30 @@ def train(msg: Message, context: Context) -> Message:
             {"arrays": state_to_record(state), "metrics": MetricRecord({**metrics, PARTITION_ID: partition_id})}
         )
         return Message(content, reply_to=msg)
+    hook = None if poisoned is None else backdoor.distill_hook(poisoned, config.model.spec(), device)
+    arrays, metrics = _distill_round(msg, context, config, data, device, seed, None, hook)
+    if backdoor is not None:
+        backdoor.trigger.save(trigger_path(config, partition_id), round=server_round)
+    metrics = {**metrics, PARTITION_ID: partition_id}
+    content = RecordDict({"set": arrays, "metrics": MetricRecord(metrics)})
+    return _with_kept_state(Message(content, reply_to=msg), context)
+
+
+def _distill_round(
+    msg: Message,
+    context: Context,
+    config: ExperimentConfig,
+    data: ImageData,
+    device: torch.device,
+    seed: int,
+    privacy: PrivateData | None,
+    on_iteration: IterationHook | None,
+) -> tuple[ArrayRecord, dict[str, Any]]:
+    """This round's set as arrays, and its metrics.
+
+    With a global model in the message (multi-round) the node matches under it,
+    continues from its previous set and keeps the new one for the next round.
+    """
     global_record = msg.content.array_records.get("global")
     previous = context.state.array_records.get(PREVIOUS_SET) if global_record is not None else None
     syn, metrics = distill_partition(
@@ -194,16 +218,13 @@ def train(msg: Message, context: Context) -> Message:
         seed,
         global_state=None if global_record is None else record_to_state(global_record),
         start=None if previous is None else SyntheticSet.from_arrays(_numpy(previous), data.info.num_classes),
-        on_iteration=None if poisoned is None else backdoor.distill_hook(poisoned, config.model.spec(), device),
+        privacy=privacy,
+        on_iteration=on_iteration,
     )
-    if backdoor is not None:
-        backdoor.trigger.save(trigger_path(config, partition_id), round=server_round)
     arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
     if global_record is not None:
         context.state[PREVIOUS_SET] = arrays
-    metrics = {**metrics, PARTITION_ID: partition_id, CONTINUED: int(previous is not None)}
-    content = RecordDict({"set": arrays, "metrics": MetricRecord(metrics)})
-    return _with_kept_state(Message(content, reply_to=msg), context)
+    return arrays, {**metrics, CONTINUED: int(previous is not None)}
 
 
 def _with_kept_state(reply: Message, context: Context) -> Message:
@@ -235,24 +256,10 @@ def _train_private(
             return {"arrays": state_to_record(state)}, metrics
 
         return train_private(msg, context, config, data, server_round, seed, fit, own_ledger)
-    global_record = msg.content.array_records.get("global")
-    previous = context.state.array_records.get(PREVIOUS_SET) if global_record is not None else None
 
     def distill(privacy: PrivateData) -> tuple[dict[str, ArrayRecord], dict[str, Any]]:
-        syn, metrics = distill_partition(
-            config,
-            data,
-            device,
-            seed,
-            global_state=None if global_record is None else record_to_state(global_record),
-            start=None if previous is None else SyntheticSet.from_arrays(_numpy(previous), data.info.num_classes),
-            privacy=privacy,
-            on_iteration=on_iteration,
-        )
-        arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
-        if global_record is not None:
-            context.state[PREVIOUS_SET] = arrays
-        return {"set": arrays}, {**metrics, CONTINUED: int(previous is not None)}
+        arrays, metrics = _distill_round(msg, context, config, data, device, seed, privacy, on_iteration)
+        return {"set": arrays}, metrics
 
     return train_private(msg, context, config, data, server_round, seed, distill, own_ledger)
 

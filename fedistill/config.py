@@ -322,14 +322,19 @@ def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     """Set ``a.b.c = v`` entries into a nested dict (copying, not mutating the input)."""
     merged = {key: dict(val) if isinstance(val, dict) else val for key, val in values.items()}
     for dotted, value in overrides.items():
-        node = merged
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{dotted}: {part} is not a section")
-        node[leaf] = value
+        _set_dotted(merged, dotted, value)
     return merged
+
+
+def _set_dotted(nested: dict[str, Any], dotted: str, value: Any) -> None:
+    """``nested["a"]["b"]["c"] = value`` for ``"a.b.c"``, creating sections; a plain value in the way is an error."""
+    node = nested
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[leaf] = value
 
 
 def to_run_config(config: ExperimentConfig) -> dict[str, Any]:
@@ -351,13 +356,7 @@ def from_run_config(flat: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a Flower run config (``section.key`` entries) as an experiment; keys outside it are refused."""
     nested: dict[str, Any] = {}
     for dotted, value in flat.items():
-        *parents, leaf = str(dotted).split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{dotted}: {part} is not a section")
-        node[leaf] = value
+        _set_dotted(nested, str(dotted), value)
     return parse_config(nested)
 
 

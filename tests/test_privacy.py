@@ -177,10 +177,10 @@ def test_clipping_bounds_what_one_outlier_record_changes(digits_train: ImageData
     trainable = random_network(mlp, images.shape[1:], 10, torch.Generator().manual_seed(1), CPU, trainable=True)
     per_record = GradSampleModule(trainable, loss_reduction="sum")
     order = torch.cat([torch.nonzero(neighbours == c).flatten() for c in range(10)])
-    slot_ids = [torch.full((int((neighbours == c).sum()),), c) for c in range(10)]
+    slot_of_row = torch.cat([torch.full((int((neighbours == c).sum()),), c) for c in range(10)])
     records = torch.cat([images, outlier])[order]
-    grads = gm._record_gradients(per_record, list(trainable.parameters()), records, list(range(10)), slot_ids)
-    groups, is_outlier = torch.cat(slot_ids), order == len(images)
+    grads = gm._record_gradients(per_record, list(trainable.parameters()), records, list(range(10)), slot_of_row)
+    groups, is_outlier = slot_of_row, order == len(images)
     full = clipped_class_sums(grads, groups, 10, clip)
     reduced = clipped_class_sums(grads[~is_outlier], groups[~is_outlier], 10, clip)
     assert grads[is_outlier].norm() > 1000 * clip

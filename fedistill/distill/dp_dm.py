@@ -35,7 +35,7 @@ from fedistill.augment import SiameseAugment
 from fedistill.distill.base import DistillSettings, ProgressFn, register
 from fedistill.distill.dm import DM_LR_IMAGES, DM_MOMENTUM
 from fedistill.distill.embedding import Embedder, resolve_compile
-from fedistill.distill.private import PrivateDistiller, class_slots, poisson_by_slot
+from fedistill.distill.private import PrivateDistiller, class_slots, poisson_by_slot, sample_class_batches
 from fedistill.privacy import GaussianMechanism, clipped_class_sums
 from fedistill.synthetic import SyntheticSet
 
@@ -102,24 +102,12 @@ class PrivateDistributionMatching(PrivateDistiller):
             self.before_iteration(iteration, images, labels, syn)
             net = self.network(images.shape[1:], num_classes, generator)
             samples = poisson_by_slot(privacy, labels_cpu, slots)
-            real_parts, slot_parts, syn_parts = [], [], []
-            for slot, cls in enumerate(present):
-                real = images[samples[slot].to(self.device)]
-                mine = syn[offsets[cls] : offsets[cls + 1]]
-                if augment is not None:
-                    # Drawn whatever the sample size, so the public randomness never depends on the data.
-                    params = augment.sample(1, generator, self.device, siamese=True)
-                    mine = augment.apply(mine, params)
-                    real = augment.apply(real, params) if len(real) else real
-                real_parts.append(real)
-                slot_parts.append(torch.full((len(real),), slot, dtype=torch.int64))
-                syn_parts.append(mine)
+            batch = sample_class_batches(images, syn, samples, present, offsets, augment, generator)
             embedder = Embedder(net, settings.real_precision, compiled)
-            syn_features = embedder.synthetic(torch.cat(syn_parts))
-            real = torch.cat(real_parts)
-            features = embedder.real(real) if len(real) else syn_features.detach()[:0]
-            sizes = [len(part) for part in syn_parts]
-            loss = self.matching_loss(syn_features, sizes, features, torch.cat(slot_parts), mechanism, expected)
+            syn_features = embedder.synthetic(torch.cat(batch.synthetic))
+            features = embedder.real(batch.real) if len(batch.real) else syn_features.detach()[:0]
+            sizes = [len(part) for part in batch.synthetic]
+            loss = self.matching_loss(syn_features, sizes, features, batch.slot_of_row, mechanism, expected)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

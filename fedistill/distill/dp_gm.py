@@ -26,7 +26,7 @@ from torch import nn
 from fedistill.augment import SiameseAugment
 from fedistill.distill.base import DistillSettings, ProgressFn, register
 from fedistill.distill.gm import GM_LR_IMAGES, GM_MOMENTUM, gradient_distance, loop_lengths, train_on_set
-from fedistill.distill.private import PrivateDistiller, class_slots, poisson_by_slot
+from fedistill.distill.private import PrivateDistiller, class_slots, poisson_by_slot, sample_class_batches
 from fedistill.privacy import clipped_class_sums
 from fedistill.synthetic import SyntheticSet
 
@@ -79,24 +79,14 @@ class PrivateGradientMatching(PrivateDistiller):
             loss_value = 0.0
             for outer in range(outer_loop):
                 samples = poisson_by_slot(privacy, labels_cpu, slots)
-                reals, slot_ids, mine = [], [], []
-                for slot, cls in enumerate(present):
-                    real = images[samples[slot].to(self.device)]
-                    own = syn[offsets[cls] : offsets[cls + 1]]
-                    if augment is not None:
-                        params = augment.sample(1, generator, self.device, siamese=True)
-                        own = augment.apply(own, params)
-                        real = augment.apply(real, params) if len(real) else real
-                    reals.append(real)
-                    slot_ids.append(torch.full((len(real),), slot, dtype=torch.int64))
-                    mine.append(own)
-                grads = self._record_gradients(per_record, parameters, torch.cat(reals), present, slot_ids)
-                sums = clipped_class_sums(grads, torch.cat(slot_ids), len(present), privacy.clip_norm)
+                batch = sample_class_batches(images, syn, samples, present, offsets, augment, generator)
+                grads = self._record_gradients(per_record, parameters, batch.real, present, batch.slot_of_row)
+                sums = clipped_class_sums(grads, batch.slot_of_row, len(present), privacy.clip_norm)
                 real_grads = (mechanism.release(sums, privacy.sample_rate) / expected).float()
                 loss = syn.new_zeros(())
                 for slot, cls in enumerate(present):
-                    target = torch.full((len(mine[slot]),), cls, device=self.device)
-                    syn_loss = F.cross_entropy(net(mine[slot]), target)
+                    own = batch.synthetic[slot]
+                    syn_loss = F.cross_entropy(net(own), torch.full((len(own),), cls, device=self.device))
                     syn_grads = torch.autograd.grad(syn_loss, parameters, create_graph=True)
                     loss = loss + gradient_distance(list(syn_grads), _unflatten(real_grads[slot], shapes))
                 optimizer.zero_grad(set_to_none=True)
@@ -122,13 +112,13 @@ class PrivateGradientMatching(PrivateDistiller):
         parameters: list[nn.Parameter],
         real: torch.Tensor,
         present: list[int],
-        slot_ids: list[torch.Tensor],
+        slot_of_row: torch.Tensor,
     ) -> torch.Tensor:
         """Per-record gradients of the cross-entropy, flattened over all parameters: ``(records, num_params)``."""
         width = sum(p.numel() for p in parameters)
         if len(real) == 0:
             return real.new_zeros((0, width))
-        targets = torch.tensor(present, device=self.device)[torch.cat(slot_ids).to(self.device)]
+        targets = torch.tensor(present, device=self.device)[slot_of_row.to(self.device)]
         for p in parameters:
             p.grad, p.grad_sample = None, None
         per_record.enable_hooks()

@@ -13,10 +13,12 @@ public): ``initial_set`` has no access to the private images at all, and
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from fedistill.augment import SiameseAugment
 from fedistill.distill.base import Distiller, DistillSettings, IterationHook, NetworkSource
 from fedistill.models import ModelSpec
 from fedistill.privacy import PrivateData
@@ -122,3 +124,42 @@ def poisson_by_slot(
     sampled = privacy.sample(len(labels_cpu))
     slot_of = slots[labels_cpu[sampled]]
     return [sampled[slot_of == slot] for slot in range(int(slots.max().item()) + 1)]
+
+
+class ClassBatches(NamedTuple):
+    """One Poisson sample split by class slot, each slot beside its synthetic images under the same augmentation."""
+
+    real: torch.Tensor
+    """The sampled real images of every slot, slot by slot."""
+    slot_of_row: torch.Tensor
+    """The class slot of each row of ``real`` (CPU)."""
+    synthetic: list[torch.Tensor]
+    """Per slot, that class's synthetic images."""
+
+
+def sample_class_batches(
+    images: torch.Tensor,
+    syn: torch.Tensor,
+    samples: list[torch.Tensor],
+    present: list[int],
+    offsets: np.ndarray,
+    augment: SiameseAugment | None,
+    generator: torch.Generator,
+) -> ClassBatches:
+    """Per class slot, the sampled real images and the class's synthetic images under one siamese draw.
+
+    The augmentation parameters are drawn whatever the sample size, so the
+    public randomness never depends on the private data.
+    """
+    reals, slot_ids, synthetic = [], [], []
+    for slot, cls in enumerate(present):
+        real = images[samples[slot].to(images.device)]
+        mine = syn[offsets[cls] : offsets[cls + 1]]
+        if augment is not None:
+            params = augment.sample(1, generator, syn.device, siamese=True)
+            mine = augment.apply(mine, params)
+            real = augment.apply(real, params) if len(real) else real
+        reals.append(real)
+        slot_ids.append(torch.full((len(real),), slot, dtype=torch.int64))
+        synthetic.append(mine)
+    return ClassBatches(torch.cat(reals), torch.cat(slot_ids), synthetic)
