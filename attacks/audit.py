@@ -123,9 +123,7 @@ def open_run(run_dir: Path, overrides: dict[str, Any] | None = None, console: Co
     except (RuntimeError, ValueError) as error:
         raise AuditError(str(error)) from None
     data = config.data
-    train = load_dataset(data.name, "train", root=data.root, path=data.path)
-    if data.train_subset is not None:
-        train = train.subset(np.arange(min(data.train_subset, len(train))))
+    train = data.private_train(load_dataset(data.name, "train", root=data.root, path=data.path))
     test = load_dataset(data.name, "test", root=data.root, path=data.path)
     info = test.info
     part = config.partition

@@ -3,8 +3,9 @@
 10 clients, Dirichlet(0.5) label skew over the first 55,000 training images
 (the last 5,000 are the public tuning split of ``benchmarks/tune_dp.py``),
 ConvNet-3 (width 64, instance norm), record-level (epsilon, 1e-5)-DP per
-client under add/remove-one adjacency, RDP accountant. DP-DM and DP-GM are
-one-shot (IPC 10 per client, union at the server, the evaluation protocol on
+client under add/remove-one adjacency, RDP accountant. DP-DM and DP-GM start
+from noise or, with ``--init public``, from the public split's images (no
+client holds them, so they cost no privacy); they are one-shot (IPC 10 per client, union at the server, the evaluation protocol on
 the union); DP-FedAvg runs DP-SGD on every client for ``--rounds`` rounds.
 Each call runs one row through Flower's simulation engine (what ``fedistill
 run`` uses) and writes ``benchmarks/results/dp-fed/<method>-eps<eps>.json``;
@@ -64,15 +65,24 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
             **({} if args.lr is None else {"local_lr": args.lr}),
         }
     else:
-        distill: dict[str, Any] = {"method": args.method, "ipc": 10, "iterations": args.iterations, "init": "noise",
-                                   "dsa": True}
+        distill: dict[str, Any] = {
+            "method": args.method,
+            "ipc": 10,
+            "iterations": args.iterations,
+            "init": args.init,
+            "dsa": True,
+        }
         if args.lr is not None:
             distill["lr_images"] = args.lr
         if args.method == "dp-gm":
             distill.update(outer_loop=args.outer_loop, inner_loop=args.inner_loop)
         values["distill"] = distill
-        values["federation"] = {"protocol": "one-shot", "aggregation": args.aggregation, "min_clients": 8,
-                                "round_timeout_s": 7200.0}
+        values["federation"] = {
+            "protocol": "one-shot",
+            "aggregation": args.aggregation,
+            "min_clients": 8,
+            "round_timeout_s": 7200.0,
+        }
     return parse_config(values)
 
 
@@ -89,6 +99,12 @@ def main() -> None:
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--min-class-count", type=int, default=0)
+    parser.add_argument(
+        "--init",
+        choices=["noise", "public"],
+        default="noise",
+        help="distillers' starting images: noise, or the public split's images (no privacy cost)",
+    )
     parser.add_argument("--aggregation", default="union", choices=["union", "class-weighted"])
     parser.add_argument("--eval-epochs", type=int, default=300)
     parser.add_argument("--eval-dsa", action="store_true")
@@ -113,6 +129,7 @@ def main() -> None:
     accuracy = metrics["eval"]["mean"] if metrics.get("eval") else metrics["final_accuracy"]
     row = {
         "method": args.method,
+        "init": None if args.method == "dp-fedavg" else args.init,
         "target_epsilon": args.epsilon,
         "delta": 1e-5,
         "worst_client_epsilon": privacy["worst_epsilon"],
@@ -135,7 +152,8 @@ def main() -> None:
     print(json.dumps(row))
     if args.toy:
         return
-    out = RESULTS / "dp-fed" / f"{args.method}-eps{args.epsilon:g}.json"
+    variant = "-public" if args.method != "dp-fedavg" and args.init == "public" else ""
+    out = RESULTS / "dp-fed" / f"{args.method}{variant}-eps{args.epsilon:g}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")
     if args.id:
@@ -155,7 +173,8 @@ def budget(args: argparse.Namespace) -> str:
         return f"{args.rounds} rounds x {args.local_epochs} Poisson epoch(s), lr {args.lr:g}, {common}"
     extra = f" x {args.outer_loop} releases (inner {args.inner_loop})" if args.method == "dp-gm" else ""
     evaluation = f"eval {args.eval_epochs} epochs x {args.num_nets} net(s){' +DSA' if args.eval_dsa else ''}"
-    return f"IPC 10, {args.iterations} iterations{extra}, {common}, {args.aggregation}, {evaluation}"
+    start = "from public images" if args.init == "public" else "from noise"
+    return f"IPC 10 {start}, {args.iterations} iterations{extra}, {common}, {args.aggregation}, {evaluation}"
 
 
 if __name__ == "__main__":

@@ -6,8 +6,13 @@ import json
 
 from benchmarks.common import RESULTS
 
-METHODS = (("dp-dm", "DP-DM (one-shot)"), ("dp-gm", "DP gradient matching (one-shot)"),
-           ("dp-fedavg", "DP-FedAvg (DP-SGD)"))
+METHODS = (
+    ("dp-dm", "noise", "DP-DM (one-shot)"),
+    ("dp-dm", "public", "DP-DM (one-shot, public init)"),
+    ("dp-gm", "noise", "DP gradient matching (one-shot)"),
+    ("dp-fedavg", None, "DP-FedAvg (DP-SGD)"),
+)
+"""Table rows: method, starting images of the distillers (rows written before ``--init`` existed started from noise)."""
 EPSILONS = (1.0, 2.0, 5.0, 10.0)
 
 
@@ -15,21 +20,25 @@ def main() -> None:
     rows = {}
     for path in sorted((RESULTS / "dp-fed").glob("*.json")):
         row = json.loads(path.read_text())
-        rows[(row["method"], float(row["target_epsilon"]))] = row
+        init = row.get("init", None if row["method"] == "dp-fedavg" else "noise")
+        rows[(row["method"], init, float(row["target_epsilon"]))] = row
     print("| method | " + " | ".join(f"eps {e:g}" for e in EPSILONS) + " |")
     print("|---|" + "---|" * len(EPSILONS))
-    for method, name in METHODS:
+    for method, init, name in METHODS:
         cells = []
         for epsilon in EPSILONS:
-            row = rows.get((method, epsilon))
+            row = rows.get((method, init, epsilon))
             cells.append("not run" if row is None else f"{100 * row['accuracy']:.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print()
     print("| row | worst client epsilon | sigma | releases per client | budget | upload MB | wall min |")
     print("|---|---|---|---|---|---|---|")
-    for (method, epsilon), row in sorted(rows.items()):
+    for (method, init, epsilon), row in sorted(
+        rows.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])
+    ):
+        label = f"{method}{' public init' if init == 'public' else ''} eps {epsilon:g}"
         print(
-            f"| {method} eps {epsilon:g} | {row['worst_client_epsilon']:.3f} | {row['noise_multiplier']:.3g} "
+            f"| {label} | {row['worst_client_epsilon']:.3f} | {row['noise_multiplier']:.3g} "
             f"| {row['releases_per_client']} | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
             f"| {row['wall_seconds'] / 60:.0f} |"
         )

@@ -25,6 +25,7 @@ from fedistill.data import ImageData, client_data, load_dataset, partition_datas
 from fedistill.device import pick_device
 from fedistill.distill import IterationHook, get_distiller
 from fedistill.distill.embedding import perturbed_copies
+from fedistill.distill.private import public_start
 from fedistill.messages import (
     CONTINUED,
     IDENTIFY,
@@ -58,12 +59,24 @@ def load_partition(config: ExperimentConfig, partition_id: int, num_partitions: 
     return _PARTITIONS[key]
 
 
+_PUBLIC: dict[str, ImageData] = {}
+
+
+def load_public(config: ExperimentConfig) -> ImageData:
+    """The public training images (after ``data.train_subset``; no client holds them), cached per process."""
+    key = config.model_dump_json(include={"data"})
+    if key not in _PUBLIC:
+        data = config.data
+        _PUBLIC[key] = data.public_train(load_dataset(data.name, "train", root=data.root, path=data.path))
+    return _PUBLIC[key]
+
+
 def _partition(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ImageData:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"node_config partition-id {partition_id} is outside [0, {num_partitions})")
-    train = load_dataset(config.data.name, "train", root=config.data.root, path=config.data.path)
-    if config.data.train_subset is not None:
-        train = train.subset(np.arange(min(config.data.train_subset, len(train))))
+    train = config.data.private_train(
+        load_dataset(config.data.name, "train", root=config.data.root, path=config.data.path)
+    )
     part = config.partition
     partitioning = partition_dataset(
         train.labels,
@@ -96,7 +109,8 @@ def distill_partition(
     continue from the node's previous set; ``on_iteration`` goes to the
     distiller (a malicious node's DOORPING hook). A private method gets
     ``privacy``; its set's ``source_counts`` (and so ``num-examples``) are the
-    released noisy counts.
+    released noisy counts; with ``distill.init = "public"`` its first set
+    starts from public images.
     """
     images = data.normalized(device)
     labels = torch.from_numpy(data.labels).to(device)
@@ -105,6 +119,9 @@ def distill_partition(
         model = build_model(config.model.spec(), tuple(images.shape[1:]), data.info.num_classes)
         model.load_state_dict(global_state)
         networks = perturbed_copies(model, config.federation.perturbation, device)
+    if start is None and privacy is not None and config.distill.init == "public":
+        budgets = privacy.budgets(config.distill.ipc)
+        start = public_start(load_public(config), budgets, torch.Generator().manual_seed(seed), device)
     method = get_distiller(config.distill.method)
     distiller = method(
         config.model.spec(),

@@ -25,6 +25,7 @@ from fedistill.config import ConfigError, ExperimentConfig
 from fedistill.data import load_dataset
 from fedistill.device import pick_device
 from fedistill.distill import get_distiller
+from fedistill.distill.private import public_start
 from fedistill.privacy import (
     ADJACENCY,
     PrivacyLedger,
@@ -64,10 +65,9 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
         device = pick_device(cfg.device)
     except (RuntimeError, ValueError) as error:
         raise ConfigError(str(error)) from None
-    train = load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
+    full_train = load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
     test = load_dataset(cfg.data.name, "test", root=cfg.data.root, path=cfg.data.path)
-    if cfg.data.train_subset is not None:
-        train = train.subset(np.arange(min(cfg.data.train_subset, len(train))))
+    train = cfg.data.private_train(full_train)
     info = train.info
 
     run_dir = create_run_dir(cfg.output_dir, f"central-{info.name}-{cfg.distill.method}-ipc{cfg.distill.ipc}")
@@ -77,7 +77,12 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     images = train.normalized(device)
     labels = torch.from_numpy(train.labels).to(device)
     ledger, privacy = _private_round(cfg, train.labels, info.num_classes)
-    private = {} if privacy is None else {"privacy": privacy}
+    private: dict[str, Any] = {} if privacy is None else {"privacy": privacy}
+    if privacy is not None and cfg.distill.init == "public":
+        budgets = privacy.budgets(cfg.distill.ipc)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        private["start"] = public_start(cfg.data.public_train(full_train), budgets, generator, device)
+    del full_train
     distill_settings = cfg.distill.settings(cfg.data.name)
     distiller = get_distiller(cfg.distill.method)(cfg.model.spec(), distill_settings, device, **private)
     iterations: list[int] = []

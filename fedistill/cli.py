@@ -302,7 +302,6 @@ def data_partitions(
     the scheme and its parameters (partition_counts.json) to --output.
     """
     with _user_errors():
-        import numpy as np
 
         from fedistill.config import ConfigError, apply_overrides, load_config, parse_config
         from fedistill.data import PartitionError, load_dataset, partition_dataset, plot_partition_counts
@@ -310,9 +309,7 @@ def data_partitions(
 
         overrides = parse_sets(set_ or [])
         cfg = load_config(config, overrides) if config is not None else parse_config(apply_overrides({}, overrides))
-        train = load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
-        if cfg.data.train_subset is not None:
-            train = train.subset(np.arange(min(cfg.data.train_subset, len(train))))
+        train = cfg.data.private_train(load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path))
         info, part = train.info, cfg.partition
         try:
             partitioning = partition_dataset(

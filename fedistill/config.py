@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedistill.attack_config import AttackConfig, check_attack
 from fedistill.augment import parse_strategy
+from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, available_methods, get_distiller
 from fedistill.models import ModelSpec
 
@@ -32,13 +34,32 @@ class DataConfig(_Section):
     name: Literal["fashion-mnist", "mnist", "cifar10", "digits", "npz"] = "fashion-mnist"
     root: Path | None = None
     path: Path | None = Field(default=None, description="the .npz file when name = 'npz'")
-    train_subset: int | None = Field(default=None, ge=1, description="use only the first N training images")
+    train_subset: int | None = Field(
+        default=None,
+        ge=1,
+        description="use only the first N training images; the rest is public (distill.init = 'public')",
+    )
 
     @model_validator(mode="after")
     def _npz_needs_path(self) -> DataConfig:
         if self.name == "npz" and self.path is None:
             raise ValueError("data.path is required when data.name = 'npz'")
         return self
+
+    def private_train(self, train: ImageData) -> ImageData:
+        """The training images the run distils or partitions: the first ``train_subset`` (all without it)."""
+        if self.train_subset is None:
+            return train
+        return train.subset(np.arange(min(self.train_subset, len(train))))
+
+    def public_train(self, train: ImageData) -> ImageData:
+        """The training images after ``train_subset``: no client holds them, so they cost no privacy."""
+        if self.train_subset is None or self.train_subset >= len(train):
+            raise ConfigError(
+                f"distill.init 'public': data.train_subset ({self.train_subset}) leaves no public training images "
+                f"(the split has {len(train)}); set it below {len(train)}"
+            )
+        return train.subset(np.arange(self.train_subset, len(train)))
 
 
 class PartitionConfig(_Section):
@@ -76,7 +97,10 @@ class DistillConfig(_Section):
     iterations: int = Field(default=1000, ge=0)
     lr_images: float | None = Field(default=None, gt=0, description="default: the method's published value")
     batch_real: int = Field(default=256, ge=1)
-    init: Literal["real", "noise"] = "real"
+    init: Literal["real", "noise", "public"] = Field(
+        default="real",
+        description="real images, N(0, 1) noise, or (private methods) public images: data.train_subset's rest",
+    )
     dsa: bool = True
     dsa_strategy: str | None = Field(default=None, description="default: the dataset's DSA strategy")
     outer_loop: int | None = Field(default=None, ge=1, description="DC/DSA; default from the IPC as in the paper")
@@ -252,6 +276,8 @@ class ExperimentConfig(_Section):
         if not self.privacy.enabled:
             if private_method:
                 raise ValueError(f"distill.method {self.distill.method!r} needs privacy.enabled = true")
+            if self.distill.init == "public":
+                raise ValueError("distill.init 'public' is for private methods; allowed without privacy: real, noise")
             return self
         private_methods = ", ".join(m for m in available_methods() if get_distiller(m).private)
         if self.federation.protocol not in PRIVATE_PROTOCOLS:
@@ -265,7 +291,14 @@ class ExperimentConfig(_Section):
                 f"allowed with privacy.enabled: {private_methods}"
             )
         if self.distill.init == "real" and self.federation.protocol != "fedavg":
-            raise ValueError("distill.init 'real' would start the set from private images; allowed with privacy: noise")
+            raise ValueError(
+                "distill.init 'real' would start the set from private images; allowed with privacy: noise, public"
+            )
+        if self.distill.init == "public" and self.data.train_subset is None:
+            raise ValueError(
+                "distill.init 'public' starts from the training images after data.train_subset, which no client "
+                "holds; set data.train_subset"
+            )
         if self.model.norm == "batchnorm":
             raise ValueError(
                 "model.norm 'batchnorm' mixes records of a batch, so per-record clipping bounds nothing; "

@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
+from rich.console import Console
 from scipy.stats import beta
 
+from clients.app import distill_partition
+from fedistill.central import run_central
 from fedistill.config import ConfigError, parse_config
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, get_distiller
 from fedistill.distill.embedding import random_network
+from fedistill.distill.private import public_start
 from fedistill.models import ModelSpec, build_model
 from fedistill.privacy import (
     CLASS_COUNTS,
@@ -38,6 +43,7 @@ from fedistill.privacy import (
     release_class_counts,
 )
 from fedistill.privacy.dpsgd import dp_sgd
+from fedistill.synthetic import SyntheticSet
 from server.validation import ReplyLimits, validate_set_arrays
 
 CPU = torch.device("cpu")
@@ -242,6 +248,58 @@ def test_the_private_initial_set_is_noise_whatever_the_private_images(digits_tra
     assert torch.cdist(sets[0].images.flatten(1), private).min() > 1.0
 
 
+def test_the_public_start_is_public_images_of_each_class_topped_up_with_noise(digits_train: ImageData) -> None:
+    """``distill.init = 'public'``: the start reads the public pool only, by class, and fills short classes with noise."""
+    private, public = digits_train.subset(np.arange(1000)), digits_train.subset(np.arange(1000, len(digits_train)))
+    public = public.subset(public.labels != 7)  # a class the public pool lacks
+    budgets = np.array([3, 3, 0, 3, 3, 3, 3, 3, 3, 1])
+    start = public_start(public, budgets, torch.Generator().manual_seed(0), CPU)
+    assert start.images_per_class().tolist() == budgets.tolist() and start.provenance["init"] == "public"
+    pool, secret = public.normalized().flatten(1), private.normalized().flatten(1)
+    for image, label in zip(start.images.flatten(1), start.labels.tolist(), strict=True):
+        nearest = torch.cdist(image[None], pool).argmin()
+        if label == 7:
+            assert torch.cdist(image[None], pool).min() > 1.0  # noise: no public image of class 7 exists
+        else:
+            assert torch.equal(pool[nearest], image) and public.labels[nearest] == label
+        assert torch.cdist(image[None], secret).min() > 0
+    again = public_start(public, budgets, torch.Generator().manual_seed(0), CPU)
+    assert torch.equal(start.images, again.images)
+
+
+def test_a_private_client_starts_from_public_images_never_its_own(digits_train: ImageData) -> None:
+    """The client path (``distill_partition``): with zero iterations the set is the public start, as released."""
+    config = parse_config({
+        "data": {"name": "digits", "train_subset": 1000},
+        "model": {"width": 16, "depth": 2},
+        "distill": {"method": "dp-dm", "ipc": 3, "iterations": 0, "init": "public", "compile": "off"},
+        "privacy": {"enabled": True},
+    })
+    private, public = digits_train.subset(np.arange(1000)), digits_train.subset(np.arange(1000, len(digits_train)))
+    privacy = private_data(private.labels, counts=np.bincount(private.labels, minlength=10))
+    syn, _ = distill_partition(config, private, CPU, seed=5, privacy=privacy)
+    assert syn.provenance["init"] == "public" and syn.images_per_class().tolist() == [3] * 10
+    pool = public.normalized().flatten(1)
+    nearest = torch.cdist(syn.images.flatten(1), pool).argmin(dim=1)
+    assert torch.equal(pool[nearest], syn.images.flatten(1))
+    assert public.labels[nearest.numpy()].tolist() == syn.labels.tolist()
+    with pytest.raises(ValueError, match="public start set"):
+        get_distiller("dp-dm")(SPEC, settings(init="public"), CPU, privacy=privacy)
+
+
+def test_a_central_private_run_starts_from_public_images(tmp_path: Path) -> None:
+    config = parse_config({
+        "output_dir": str(tmp_path),
+        "data": {"name": "digits", "train_subset": 1000},
+        "model": {"width": 16, "depth": 2},
+        "distill": {"method": "dp-dm", "ipc": 2, "iterations": 2, "init": "public", "compile": "off"},
+        "eval": {"epochs": 2, "num_nets": 1},
+        "privacy": {"enabled": True, "target_epsilon": 5.0},
+    })
+    syn = SyntheticSet.load(run_central(config, Console(quiet=True)) / "synthetic.safetensors")
+    assert syn.provenance["init"] == "public" and syn.provenance["public_images"] == len(syn)
+
+
 def test_private_methods_refuse_real_init_and_batchnorm(digits_train: ImageData) -> None:
     privacy = private_data(digits_train.labels)
     with pytest.raises(ValueError, match="distill.init"):
@@ -270,6 +328,9 @@ def test_private_set_uses_released_counts_and_passes_server_validation(digits_tr
          "distill.method 'dm' is not differentially private; allowed with privacy.enabled: dp-dm, dp-gm"),
         ({"distill": {"method": "dp-dm", "init": "noise"}}, "distill.method 'dp-dm' needs privacy.enabled = true"),
         ({"privacy": {"enabled": True}, "distill": {"method": "dp-dm"}}, "distill.init 'real'"),
+        ({"privacy": {"enabled": True}, "distill": {"method": "dp-dm", "init": "public"}},
+         "distill.init 'public' starts from the training images after data.train_subset"),
+        ({"distill": {"init": "public"}}, "distill.init 'public' is for private methods; allowed without privacy"),
         ({"privacy": {"enabled": True}, "distill": {"method": "dp-gm", "init": "noise"},
           "model": {"norm": "batchnorm"}},
          "model.norm 'batchnorm'"),

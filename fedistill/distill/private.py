@@ -5,20 +5,22 @@ with a ``privacy`` bundle (``fedistill.privacy.PrivateData``). It reads the
 private images only through Gaussian mechanisms on Poisson samples; per-class
 budgets, expected sample sizes and the set's ``source_counts`` come from the
 released noisy counts, never from the true counts. Its starting images are
-Gaussian noise (or the client's previous private set, which is already
-public): ``initial_set`` has no access to the private images at all, and
-``distill.init = "real"`` is refused.
+Gaussian noise, or a ``start`` set that is already public: the client's
+previous private set, or public images (``public_start``, for
+``distill.init = "public"``). ``initial_set`` has no access to the private
+images at all, and ``distill.init = "real"`` is refused.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from fedistill.augment import SiameseAugment
+from fedistill.data import ImageData
 from fedistill.distill.base import Distiller, DistillSettings, IterationHook, NetworkSource
 from fedistill.models import ModelSpec
 from fedistill.privacy import PrivateData
@@ -42,8 +44,13 @@ class PrivateDistiller(Distiller):
         privacy: PrivateData,
     ) -> None:
         super().__init__(model_spec, settings, device, networks, start, on_iteration)
-        if settings.init != "noise":
-            raise ValueError(f"distill.init: {self.name} starts from noise, never from private images; allowed: noise")
+        if settings.init not in ("noise", "public"):
+            raise ValueError(
+                f"distill.init: {self.name} starts from noise or public images, never from private images; "
+                "allowed: noise, public"
+            )
+        if settings.init == "public" and start is None:
+            raise ValueError(f"distill.init 'public': {self.name} needs the public start set (see public_start)")
         if model_spec.arch == "convnet" and model_spec.norm == "batchnorm":
             raise ValueError(
                 f"model.norm: batchnorm mixes records of a batch, so per-record clipping bounds nothing ({self.name}); "
@@ -85,6 +92,13 @@ class PrivateDistiller(Distiller):
         if made != planned:
             raise RuntimeError(f"{self.name}: made {made} noisy releases, {planned} were planned and accounted for")
 
+    def origin(self) -> dict[str, Any]:
+        """Where the images started: noise, the previous (private) set, or public images (and how many)."""
+        if self.start is None:
+            return {"init": "noise"}
+        public = {key: self.start.provenance[key] for key in ("init", "public_images") if key in self.start.provenance}
+        return {"init": "previous set", **public}
+
     def private_set(self, syn: torch.Tensor, budgets: np.ndarray, num_classes: int, provenance: dict) -> SyntheticSet:
         """The result, labelled by class, with the released (noisy) counts as ``source_counts``."""
         labels = torch.repeat_interleave(torch.arange(num_classes), torch.from_numpy(budgets)).to(syn.device)
@@ -94,7 +108,7 @@ class PrivateDistiller(Distiller):
             num_classes,
             np.asarray(self.privacy.counts, dtype=np.int64),
             provenance={
-                "init": "noise" if self.start is None else "previous set",
+                **self.origin(),
                 "private": True,
                 "clip_norm": self.privacy.clip_norm,
                 "noise_multiplier": self.privacy.noise_multiplier,
@@ -163,3 +177,29 @@ def sample_class_batches(
         slot_ids.append(torch.full((len(real),), slot, dtype=torch.int64))
         synthetic.append(mine)
     return ClassBatches(torch.cat(reals), torch.cat(slot_ids), synthetic)
+
+
+def public_start(
+    public: ImageData, budgets: np.ndarray, generator: torch.Generator, device: torch.device
+) -> SyntheticSet:
+    """A private method's starting set from public images: ``budgets[c]`` random public images of class ``c``.
+
+    Classes the public pool has too few images of are topped up with N(0, 1)
+    noise. Only public images and public randomness are read, so the start
+    costs no privacy; ``budgets`` come from the released (noisy) counts.
+    """
+    images = public.normalized(device)
+    parts, labels = [], []
+    for cls, budget in enumerate(budgets.tolist()):
+        rows = np.flatnonzero(public.labels == cls)
+        chosen = torch.from_numpy(rows)[torch.randperm(len(rows), generator=generator)[:budget]]
+        noise = torch.randn((budget - len(chosen), *images.shape[1:]), generator=generator).to(device)
+        parts += [images[chosen.to(device)], noise]
+        labels.append(torch.full((budget,), cls, dtype=torch.int64))
+    return SyntheticSet(
+        torch.cat(parts),
+        torch.cat(labels).to(device),
+        len(budgets),
+        np.zeros(len(budgets), dtype=np.int64),
+        provenance={"init": "public", "public_images": int(sum(len(p) for p in parts[::2]))},
+    )
