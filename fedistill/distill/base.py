@@ -118,15 +118,21 @@ class Distiller(ABC):
         """The images optimisation starts from: the ``start`` set when given, else ``settings.init``."""
         if self.start is None:
             return initial_images(images, rows_per_class, budgets, self.settings.init, generator)
-        if not np.array_equal(self.start.images_per_class(), budgets):
+        return self.start_images(images.shape[1:], budgets).to(images.dtype)
+
+    def start_images(self, image_shape: torch.Size | tuple[int, ...], budgets: np.ndarray) -> torch.Tensor:
+        """The ``start`` set's images ordered by class (a copy on the device), once it fits ``budgets`` and the shape."""
+        start = self.start
+        if start is None:
+            raise RuntimeError(f"{self.name}: no start set to begin from")
+        if not np.array_equal(start.images_per_class(), budgets):
             raise ValueError(
-                f"start set has {self.start.images_per_class().tolist()} images per class, "
-                f"this data needs {budgets.tolist()}"
+                f"start set has {start.images_per_class().tolist()} images per class, this data needs {budgets.tolist()}"
             )
-        if tuple(self.start.images.shape[1:]) != tuple(images.shape[1:]):
-            raise ValueError(f"start set images are {tuple(self.start.images.shape[1:])}, data {tuple(images.shape[1:])}")
-        order = torch.argsort(self.start.labels.cpu(), stable=True)
-        return self.start.images[order].to(images.device, images.dtype).detach().clone()
+        if tuple(start.images.shape[1:]) != tuple(image_shape):
+            raise ValueError(f"start set images are {tuple(start.images.shape[1:])}, data {tuple(image_shape)}")
+        order = torch.argsort(start.labels.cpu(), stable=True)
+        return start.images[order].to(self.device, torch.float32).detach().clone()
 
     @abstractmethod
     def distill(

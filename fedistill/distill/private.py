@@ -73,16 +73,7 @@ class PrivateDistiller(Distiller):
     ) -> torch.Tensor:
         """Starting images by class: the previous (already private) set, else N(0, 1) noise; never private images."""
         if self.start is not None:
-            if not np.array_equal(self.start.images_per_class(), budgets):
-                raise ValueError(
-                    f"start set has {self.start.images_per_class().tolist()} images per class, "
-                    f"the released counts give {budgets.tolist()}"
-                )
-            if tuple(self.start.images.shape[1:]) != tuple(image_shape):
-                shape = tuple(self.start.images.shape[1:])
-                raise ValueError(f"start set images are {shape}, data {tuple(image_shape)}")
-            order = torch.argsort(self.start.labels.cpu(), stable=True)
-            return self.start.images[order].to(self.device, torch.float32).detach().clone()
+            return self.start_images(image_shape, budgets)
         noise = torch.randn((int(budgets.sum()), *image_shape), generator=generator)
         return noise.to(self.device)
 
