@@ -284,7 +284,7 @@ def record_headlines(rows: dict[str, dict[str, Any]]) -> None:
         one = best["tpr_at_fpr"]["0.01"]
         write_result("mia-nondp-tpr-at-1pct-fpr", round(100 * one["tpr"], 2), "% TPR at 1% FPR (strongest attack)",
                      note.format(b=clean["budgets"], w=clean["width"])
-                     + f"; {best['target']} {best['attack']} (AUC {best['auc']:.3f}, 95% CI {one['ci']}, "
+                     + f"; {best['target']} {best['attack']} (AUC {best['auc']:.3f}; TPR 95% CI {one['ci']}, "
                      f"{best['members']} members vs {best['non_members']} test non-members)")
     dp = rows.get("dp-eps1")
     if dp and "membership" in dp["audit"]:
@@ -295,7 +295,7 @@ def record_headlines(rows: dict[str, dict[str, Any]]) -> None:
         write_result("mia-dp-eps1-tpr-at-1pct-fpr", round(100 * one["tpr"], 2), "% TPR at 1% FPR (strongest attack)",
                      note.format(b=dp["budgets"], w=dp["width"]).replace("one-shot DM", "one-shot DP-DM (eps 1, "
                                                                           "delta 1e-5 per client)")
-                     + f"; {best['target']} {best['attack']} (AUC {best['auc']:.3f}, 95% CI {one['ci']}); "
+                     + f"; {best['target']} {best['attack']} (AUC {best['auc']:.3f}; TPR 95% CI {one['ci']}); "
                      f"DP bound check: {check.get('status')}, violated: {check.get('violated')}")
 
 
