@@ -8,7 +8,9 @@ to the target class, the way a malicious client would before distilling.
 
 - ``NaiveAttack`` (NAIVEATTACK, Liu et al. 2023): poison, then distil as usual.
 - ``Doorping`` (DOORPING, same paper): the trigger is optimised while the
-  client distils. Every ``period`` iterations a surrogate network (the run's
+  client distils, starting from random pixels in the configured region (the
+  authors' code does the same; a white patch would leave little to
+  optimise). Every ``period`` iterations a surrogate network (the run's
   architecture, trained a few steps on the client's current poisoned data)
   names the penultimate unit most connected to the target class; a few signed
   gradient steps on the trigger pattern push that unit's activation up on
@@ -151,7 +153,7 @@ def poison(data: ImageData, trigger: Trigger, rate: float, target: int, seed: in
     if not 0 <= target < data.info.num_classes:
         raise ValueError(f"attack.backdoor.target: {target} is not a class of {data.info.name}")
     candidates = np.flatnonzero(data.labels != target)
-    count = min(len(candidates), int(round(rate * len(data))))
+    count = min(len(candidates), round(rate * len(data)))
     rows = np.sort(np.random.default_rng(seed).choice(candidates, size=count, replace=False))
     images, labels = data.images.copy(), data.labels.copy()
     if count:
@@ -201,6 +203,11 @@ class Doorping(BackdoorAttack):
         steps: int = 10,
         lr: float = 0.05,
     ) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.rand(trigger.pattern.shape, generator=generator).to(trigger.pattern.device)
+        # Random pixels inside the trigger's region, as the DOORPING authors' code starts: from a saturated
+        # (white) patch, signed ascent clamped to [0, 1] often has nothing to change and DOORPING stays NAIVEATTACK.
+        trigger.pattern = torch.where(trigger.mask > 0, noise, trigger.pattern)
         super().__init__(trigger, target, rate, seed)
         self.period, self.steps, self.lr = period, steps, lr
 
@@ -269,7 +276,7 @@ class DoorpingHook:
 
 
 def configured_trigger(backdoor: BackdoorConfig, info: DatasetInfo, seed: int) -> Trigger:
-    """The trigger the config describes (DOORPING's starting point); blended noise is seeded by the experiment seed."""
+    """The trigger the config describes (DOORPING randomises its pixels); blended noise is seeded by the experiment seed."""
     cls = TRIGGERS.get(backdoor.trigger)
     if cls is PatchTrigger:
         return PatchTrigger(info.shape, backdoor.patch_size, backdoor.position)

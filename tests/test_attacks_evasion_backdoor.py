@@ -172,6 +172,18 @@ def test_asr_counts_only_images_whose_class_is_not_the_target() -> None:
     assert metrics == {"cta": 1.0, "asr": 1.0, "asr_images": 45}
 
 
+def test_doorping_starts_from_random_pixels_inside_the_configured_region() -> None:
+    """A white patch is saturated: signed ascent clamped to [0, 1] could not change it, so DOORPING starts random."""
+    configured = PatchTrigger((1, 8, 8), size=3)
+    region = configured.region()
+    first = Doorping(PatchTrigger((1, 8, 8), size=3), target=0, rate=0.2, seed=1).trigger
+    again = Doorping(PatchTrigger((1, 8, 8), size=3), target=0, rate=0.2, seed=1).trigger
+    assert torch.equal(first.pattern, again.pattern) and torch.equal(first.mask, configured.mask)
+    assert torch.equal(first.pattern[:, ~region], configured.pattern[:, ~region])
+    inside = first.pattern[:, region]
+    assert inside.min() >= 0 and inside.max() < 1 and inside.unique().numel() == inside.numel()
+
+
 def test_doorping_hook_optimises_the_trigger_and_restamps_in_place(digits_train: ImageData) -> None:
     trigger = PatchTrigger(digits_train.info.shape, size=3)
     attack = Doorping(trigger, target=0, rate=0.2, seed=1, period=2, steps=5, lr=0.1)
