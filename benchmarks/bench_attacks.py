@@ -30,7 +30,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -244,17 +243,18 @@ def tables(rows: dict[str, dict[str, Any]]) -> str:
         out.append("")
     audited = [(name, rows[name]) for name in ("clean", *DP_ROWS) if name in rows and "membership" in rows[name]["audit"]]
     if audited:
-        out += ["| row | release | attack | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR | DP bound at 1% |",
+        out += ["| row | release | attack | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR | DP bound at 1% FPR (audit) |",
                 "|---|---|---|---|---|---|---|"]
         for name, row in audited:
-            bound = f"{100 * (math.exp(DP_ROWS[name]['epsilon']) * 0.01 + 1e-5):.2f}" if name in DP_ROWS else "–"
+            bounds = {point["source"]: point["bound"] for point in row["audit"].get("dp_check", {}).get("points", [])}
             for report in row["audit"]["membership"]["reports"]:
+                bound = bounds.get(f"{report['target']} {report['attack']} @ FPR 0.01")
                 one, tenth = report["tpr_at_fpr"]["0.01"], report["tpr_at_fpr"]["0.001"]
                 auc_low, auc_high = report["auc_ci"] or [float("nan")] * 2
                 low, high = one["ci"] or [None, None]
                 out.append(f"| {name} | {report['target']} | {report['attack']} | {report['auc']:.3f} [{auc_low:.3f}, "
                            f"{auc_high:.3f}] | {pct(one['tpr'])} [{pct(low)}, {pct(high)}] | {pct(tenth['tpr'])} "
-                           f"| {bound if report['target'].startswith('synthetic') else '–'} |")
+                           f"| {pct(bound)} |")
         out.append("")
     return "\n".join(out)
 
