@@ -189,11 +189,12 @@ def train(msg: Message, context: Context) -> Message:
     poisoned = None if backdoor is None else backdoor(data)
     if poisoned is not None:
         data = poisoned.data
+    distilling = control[TASK] != "fit"
+    hook = backdoor.distill_hook(poisoned, config.model.spec(), device) if poisoned is not None and distilling else None
     if config.privacy.enabled:
-        hook = None if poisoned is None else backdoor.distill_hook(poisoned, config.model.spec(), device)
         reply = _train_private(msg, context, config, control, data, server_round, seed, device, own_ledger, hook)
         return _with_kept_state(reply, context)
-    if control[TASK] == "fit":
+    if not distilling:
         global_state = record_to_state(msg.content.array_records["arrays"])
         state, metrics = fit_partition(
             config, data, global_state, device, proximal_mu=float(control.get(PROXIMAL_MU, 0.0)), seed=seed
@@ -202,7 +203,6 @@ def train(msg: Message, context: Context) -> Message:
             {"arrays": state_to_record(state), "metrics": MetricRecord({**metrics, PARTITION_ID: partition_id})}
         )
         return Message(content, reply_to=msg)
-    hook = None if poisoned is None else backdoor.distill_hook(poisoned, config.model.spec(), device)
     arrays, metrics = _distill_round(msg, context, config, data, device, seed, None, hook)
     if backdoor is not None:
         backdoor.trigger.save(trigger_path(config, partition_id), round=server_round)
