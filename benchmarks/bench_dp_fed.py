@@ -152,8 +152,7 @@ def main() -> None:
     print(json.dumps(row))
     if args.toy:
         return
-    variant = "-public" if args.method != "dp-fedavg" and args.init == "public" else ""
-    out = RESULTS / "dp-fed" / f"{args.method}{variant}-eps{args.epsilon:g}.json"
+    out = RESULTS / "dp-fed" / f"{row_name(args)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")
     if args.id:
@@ -165,6 +164,16 @@ def main() -> None:
             f"(worst client {privacy['worst_epsilon']:.3f}, delta 1e-5, RDP, add/remove one record of a client); "
             f"{budget(args)}; {seconds / 60:.0f} min on the CPU machine",
         )
+
+
+def row_name(args: argparse.Namespace) -> str:
+    """The row file's stem; a distiller at zero iterations is its starting set alone (epsilon: the counts only)."""
+    if args.method == "dp-fedavg":
+        return f"dp-fedavg-eps{args.epsilon:g}"
+    if args.iterations == 0:
+        return f"{args.method}-{args.init}-start-only"
+    variant = "-public" if args.init == "public" else ""
+    return f"{args.method}{variant}-eps{args.epsilon:g}"
 
 
 def budget(args: argparse.Namespace) -> str:

@@ -144,6 +144,25 @@ def test_plan_covers_the_count_release_and_all_rounds() -> None:
     assert 1.98 <= plan.planned_epsilon().value <= 2.0
 
 
+
+def test_a_plan_without_releases_spends_only_the_count_release() -> None:
+    """Zero iterations (the public start as it is): no noise to calibrate, and no mechanism may release."""
+    config = parse_config({
+        "data": {"name": "fashion-mnist", "train_subset": 55_000},
+        "distill": {"method": "dp-dm", "ipc": 10, "iterations": 0, "init": "public"},
+        "privacy": {"enabled": True, "target_epsilon": 1.0},
+    })
+    plan = plan_privacy(config)
+    assert plan.noise_multiplier == 0 and plan.history() == [(20.0, 1.0, 1)]
+    assert plan.planned_epsilon().value == compute_epsilon([(20.0, 1.0, 1)], 1e-5).value < 1.0
+    assert [access.mechanism for access in plan.round_accesses(1, counts_released=False)] == [CLASS_COUNTS]
+    assert plan.round_accesses(2, counts_released=True) == []
+    ledger = PrivacyLedger(delta=1e-5)
+    silent = mechanisms.GaussianMechanism("dp-dm", plan.noise_multiplier, 1.0, ledger, torch.Generator(), 1)
+    with pytest.raises(RuntimeError, match="refusing to release"):
+        silent.release(torch.zeros(3), 0.1)
+    assert ledger.accesses == []
+
 # ------------------------------------------------------------------ mechanisms
 
 

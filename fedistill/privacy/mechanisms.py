@@ -65,7 +65,8 @@ class GaussianMechanism:
     """Adds ``N(0, (noise_multiplier * sensitivity)^2)`` to a released value and records the release.
 
     One mechanism serves one kind of release (``name``) in one round of one
-    client; ``releases`` counts what it has released.
+    client; ``releases`` counts what it has released. A plan with no releases
+    has no noise (multiplier 0); its mechanism exists but refuses to release.
     """
 
     def __init__(
@@ -77,8 +78,8 @@ class GaussianMechanism:
         generator: torch.Generator,
         server_round: int,
     ) -> None:
-        if noise_multiplier <= 0:
-            raise ValueError(f"{name}: noise multiplier must be > 0, got {noise_multiplier}")
+        if noise_multiplier < 0:
+            raise ValueError(f"{name}: noise multiplier must be >= 0, got {noise_multiplier}")
         if sensitivity <= 0:
             raise ValueError(f"{name}: sensitivity must be > 0, got {sensitivity}")
         self.name = name
@@ -91,6 +92,8 @@ class GaussianMechanism:
 
     def release(self, clean: torch.Tensor, sample_rate: float) -> torch.Tensor:
         """``clean`` plus fresh noise, drawn once; records one step at ``sample_rate`` in the ledger first."""
+        if self.noise_multiplier == 0:
+            raise RuntimeError(f"{self.name}: no noise was planned (a plan without releases); refusing to release")
         self.ledger.record(Access(self.name, self.noise_multiplier, float(sample_rate), 1, self.server_round))
         self.releases += 1
         noise = gaussian_noise(clean.shape, self.noise_multiplier * self.sensitivity, self.generator)

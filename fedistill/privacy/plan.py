@@ -7,7 +7,9 @@ distillation steps of a private method (``Distiller.releases``) or DP-SGD
 steps of DP-FedAvg. Unless ``privacy.noise_multiplier`` is given, the noise
 is calibrated so that the whole planned run ends at (just under)
 ``privacy.target_epsilon``; a client that took part in every round then
-ends there too, and one asked for more rounds than planned refuses.
+ends there too, and one asked for more rounds than planned refuses. A plan
+with no releases (a private distiller at zero iterations: the set is its
+public start) spends only the count release and needs no noise.
 """
 
 from __future__ import annotations
@@ -46,15 +48,16 @@ class PrivacyPlan:
 
     def round_accesses(self, server_round: int, counts_released: bool) -> list[Access]:
         """The releases of one round (with the count release if it has not happened yet)."""
-        steps = Access(self.mechanism, self.noise_multiplier, self.sample_rate, self.steps_per_round, server_round)
-        return [steps] if counts_released else [self.count_access(server_round), steps]
+        counts = [] if counts_released else [self.count_access(server_round)]
+        if self.steps_per_round == 0:
+            return counts
+        return [*counts, Access(self.mechanism, self.noise_multiplier, self.sample_rate, self.steps_per_round, server_round)]
 
     def history(self) -> list[tuple[float, float, int]]:
         """The whole planned run as an accountant history."""
-        return [
-            (self.count_noise_multiplier, 1.0, 1),
-            (self.noise_multiplier, self.sample_rate, self.steps_per_round * self.rounds),
-        ]
+        counts = (self.count_noise_multiplier, 1.0, 1)
+        steps = self.steps_per_round * self.rounds
+        return [counts, (self.noise_multiplier, self.sample_rate, steps)] if steps else [counts]
 
     def planned_epsilon(self) -> Epsilon:
         return compute_epsilon(self.history(), self.delta, self.accountant)
@@ -91,7 +94,9 @@ def _plan(privacy_json: str, mechanism: str, steps: int, rounds: int) -> Privacy
 
     privacy = PrivacyConfig.model_validate_json(privacy_json)
     sigma = privacy.noise_multiplier
-    if sigma is None:
+    if steps * rounds == 0:
+        sigma = 0.0  # nothing is released beyond the counts, so nothing needs noise
+    elif sigma is None:
         sigma = calibrate_noise_multiplier(
             privacy.target_epsilon,
             privacy.delta,
