@@ -427,7 +427,8 @@ def test_ctrl_c_during_fedistill_run_leaves_a_resumable_directory(tmp_path: Path
     """SIGINT to a real ``fedistill run`` (Flower simulation, Ray): exit 130, status interrupted, then resumable."""
     from fedistill.simulation import OFFLINE_ENV
 
-    config = small_config(tmp_path / "runs", protocol="multi-round", rounds=3)
+    # Ray's actors can take minutes to start on a loaded 2-core machine; the round must not time out first.
+    config = small_config(tmp_path / "runs", protocol="multi-round", rounds=3, round_timeout_s=300.0)
     experiment = write_experiment(tmp_path / "exp.toml", config)
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -435,7 +436,7 @@ def test_ctrl_c_during_fedistill_run_leaves_a_resumable_directory(tmp_path: Path
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 420
         while not list((tmp_path / "runs").glob("fed-*/checkpoint.safetensors")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
