@@ -33,6 +33,9 @@ PRIVATE_TRAIN_IMAGES = 55_000
 
 METHODS = ("dp-dm", "dp-gm", "dp-fedavg")
 
+DP_FEDAVG_LR = 0.05
+"""DP-FedAvg's local learning rate unless ``--lr`` is given: the config's default."""
+
 
 def experiment(args: argparse.Namespace) -> ExperimentConfig:
     """The row's experiment; the defaults are those chosen on the public tuning split (BENCHMARKS.md)."""
@@ -115,7 +118,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/bench-dp")
     args = parser.parse_args()
     if args.method == "dp-fedavg" and args.lr is None:
-        args.lr = 0.05
+        args.lr = DP_FEDAVG_LR
     if args.toy:
         args.train_images, args.iterations, args.rounds, args.eval_epochs = 3000, 4, 2, 3
         args.outer_loop, args.inner_loop = 2, 1
@@ -140,6 +143,7 @@ def main() -> None:
         "clip_norm": args.clip,
         "releases_per_client": privacy["steps_per_round"] * (args.rounds if args.method == "dp-fedavg" else 1),
         "budget": budget(args),
+        "lr": args.lr,
         "accuracy": accuracy,
         "accuracy_std": metrics["eval"]["std"] if metrics.get("eval") else None,
         "accepted": metrics["accepted"],
@@ -169,11 +173,11 @@ def main() -> None:
 def row_name(args: argparse.Namespace) -> str:
     """The row file's stem; a distiller at zero iterations is its starting set alone (epsilon: the counts only)."""
     if args.method == "dp-fedavg":
-        return f"dp-fedavg-eps{args.epsilon:g}"
+        return f"dp-fedavg-eps{args.epsilon:g}" + ("" if args.lr == DP_FEDAVG_LR else f"-lr{args.lr:g}")
     if args.iterations == 0:
         return f"{args.method}-{args.init}-start-only"
     variant = "-public" if args.init == "public" else ""
-    return f"{args.method}{variant}-eps{args.epsilon:g}"
+    return f"{args.method}{variant}-eps{args.epsilon:g}" + ("" if args.lr is None else f"-lr{args.lr:g}")
 
 
 def budget(args: argparse.Namespace) -> str:
@@ -183,7 +187,8 @@ def budget(args: argparse.Namespace) -> str:
     extra = f" x {args.outer_loop} releases (inner {args.inner_loop})" if args.method == "dp-gm" else ""
     evaluation = f"eval {args.eval_epochs} epochs x {args.num_nets} net(s){' +DSA' if args.eval_dsa else ''}"
     start = "from public images" if args.init == "public" else "from noise"
-    return f"IPC 10 {start}, {args.iterations} iterations{extra}, {common}, {args.aggregation}, {evaluation}"
+    lr = "" if args.lr is None else f", image lr {args.lr:g}"
+    return f"IPC 10 {start}, {args.iterations} iterations{extra}{lr}, {common}, {args.aggregation}, {evaluation}"
 
 
 if __name__ == "__main__":

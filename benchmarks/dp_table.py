@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import json
+import shlex
+from typing import Any
 
+from benchmarks.bench_dp_fed import DP_FEDAVG_LR
 from benchmarks.common import RESULTS
 
 METHODS = (
-    ("dp-dm", "noise", "DP-DM (one-shot)"),
-    ("dp-dm", "public", "DP-DM (one-shot, public init)"),
-    ("dp-gm", "public", "DP gradient matching (one-shot, public init)"),
-    ("dp-fedavg", None, "DP-FedAvg (DP-SGD)"),
+    ("dp-dm", "noise", False, "DP-DM from noise (image lr 1)"),
+    ("dp-dm", "public", False, "DP-DM from public images (image lr 1)"),
+    ("dp-dm", "public", True, "DP-DM from public images (image lr tuned on the public split)"),
+    ("dp-gm", "public", False, "DP gradient matching from public images (image lr 0.1)"),
+    ("dp-fedavg", None, False, f"DP-FedAvg (DP-SGD, lr {DP_FEDAVG_LR:g})"),
+    ("dp-fedavg", None, True, "DP-FedAvg (DP-SGD, lr tuned on the public split)"),
 )
-"""Table rows: method, starting images of the distillers (rows written before ``--init`` existed started from noise)."""
+"""Table rows: method, starting images of the distillers (rows written before ``--init`` existed started from
+noise), whether the learning rate was set by ``--lr`` (tuned) rather than left at the method's default."""
 EPSILONS = (1.0, 2.0, 5.0, 10.0)
+
+
+def row_lr(row: dict[str, Any]) -> float | None:
+    """The row's ``--lr`` (None: the method's default); rows written before the ``lr`` field name it in their command."""
+    if "lr" in row:
+        lr = row["lr"]
+    else:
+        words = shlex.split(row["command"])
+        lr = float(words[words.index("--lr") + 1]) if "--lr" in words else None
+    if row["method"] == "dp-fedavg":
+        return None if lr in (None, DP_FEDAVG_LR) else lr
+    return lr
 
 
 def main() -> None:
@@ -24,22 +42,21 @@ def main() -> None:
             start_only.append(row)
             continue
         init = row.get("init", None if row["method"] == "dp-fedavg" else "noise")
-        rows[(row["method"], init, float(row["target_epsilon"]))] = row
+        rows[(row["method"], init, row_lr(row) is not None, float(row["target_epsilon"]))] = row
     print("| method | " + " | ".join(f"eps {e:g}" for e in EPSILONS) + " |")
     print("|---|" + "---|" * len(EPSILONS))
-    for method, init, name in METHODS:
+    for method, init, tuned, name in METHODS:
         cells = []
         for epsilon in EPSILONS:
-            row = rows.get((method, init, epsilon))
-            cells.append("not run" if row is None else f"{100 * row['accuracy']:.2f}")
+            row = rows.get((method, init, tuned, epsilon))
+            lr = "" if row is None or not tuned else f" (lr {row_lr(row):g})"
+            cells.append("not run" if row is None else f"{100 * row['accuracy']:.2f}{lr}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print()
     print("| row | worst client epsilon | sigma | releases per client | budget | upload MB | wall min |")
     print("|---|---|---|---|---|---|---|")
-    for (method, init, epsilon), row in sorted(
-        rows.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2])
-    ):
-        label = f"{method}{' public init' if init == 'public' else ''} eps {epsilon:g}"
+    for (method, init, tuned, epsilon), row in sorted(rows.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2], item[0][3])):
+        label = f"{method}{' public init' if init == 'public' else ''}{' tuned lr' if tuned else ''} eps {epsilon:g}"
         print(
             f"| {label} | {row['worst_client_epsilon']:.3f} | {row['noise_multiplier']:.3g} "
             f"| {row['releases_per_client']} | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
