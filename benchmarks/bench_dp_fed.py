@@ -34,7 +34,7 @@ PRIVATE_TRAIN_IMAGES = 55_000
 METHODS = ("dp-dm", "dp-gm", "dp-fedavg")
 
 DP_FEDAVG_LR = 0.05
-"""DP-FedAvg's local learning rate unless ``--lr`` is given: the config's default."""
+"""DP-FedAvg's local learning rate unless ``--lr`` is given (untuned; the tuned rates are in BENCHMARKS.md)."""
 
 
 def experiment(args: argparse.Namespace) -> ExperimentConfig:
