@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import warnings
 from pathlib import Path
@@ -165,12 +166,33 @@ def simulate_run(
         finally:
             finished.set()
 
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        # asyncio inside the simulation engine can swallow a KeyboardInterrupt; a flag cannot be lost.
+        if interrupted.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop waiting
+        interrupted.set()
+        stop.set()
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
     try:
         simulate(config, server_app=server_app, verbose=verbose)
     except KeyboardInterrupt:
         stop.set()
         finished.wait()
         raise SimulationInterrupted(started[0] if started else None) from None
+    except Exception:
+        if not interrupted.is_set():
+            raise
+        # The ServerApp ended on the stop request by raising; Flower passes that on.
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        finished.wait()
+        raise SimulationInterrupted(started[0] if started else None)
     if not run_dirs:
         raise RuntimeError("the simulation ended before the ServerApp finished its protocol; no run directory")
     return run_dirs[0]
