@@ -41,6 +41,8 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
         "local_epochs": args.local_epochs,
         "round_timeout_s": 7200.0,
     }
+    if args.aggregate_window > 1:
+        federation["aggregate_window"] = args.aggregate_window
     return parse_config(
         {
             "seed": args.seed,
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--eval-epochs", type=int, default=300, help="server training epochs per round")
     parser.add_argument("--eval-dsa", action="store_true", help="siamese augmentation while training the global model")
     parser.add_argument("--local-epochs", type=int, default=1, help="FedAvg/FedProx local epochs per round")
+    parser.add_argument("--aggregate-window", type=int, default=1,
+                        help="multi-round: train the global model on the last N rounds' aggregates")
     parser.add_argument("--min-partition-size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the row file, for variants of one setting")
@@ -112,6 +116,7 @@ def main() -> None:
         "eval_epochs": args.eval_epochs,
         "eval_dsa": args.eval_dsa,
         "local_epochs": args.local_epochs,
+        "aggregate_window": args.aggregate_window,
         "accuracy": rounds[-1]["accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],
         "upload_bytes": metrics["upload_bytes"],
@@ -128,7 +133,9 @@ def main() -> None:
         "hardware": hardware(),
         "run_dir": str(run_dir),
     }
-    name = f"{args.protocol}-dir{args.alpha:g}-c{args.clients}" + (f"-{args.tag}" if args.tag else "")
+    name = (f"{args.protocol}-dir{args.alpha:g}-c{args.clients}"
+            + (f"-window{args.aggregate_window}" if args.aggregate_window > 1 else "")
+            + (f"-{args.tag}" if args.tag else ""))
     out = RESULTS / "fed" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")
@@ -142,7 +149,8 @@ def main() -> None:
             f"ConvNet-3 width {args.width}; "
             + (f"DM IPC {args.ipc}, {args.iterations} it/round, {args.batch_real} real/class; "
                if args.protocol in ("one-shot", "multi-round") else f"{args.local_epochs} local epoch(s)/round; ")
-            + f"server training {args.eval_epochs} epochs{' +DSA' if args.eval_dsa else ''}; "
+            + f"server training {args.eval_epochs} epochs{' +DSA' if args.eval_dsa else ''}"
+            + (f" on the last {args.aggregate_window} rounds' aggregates" if args.aggregate_window > 1 else "") + "; "
             f"accuracy {100 * row['accuracy']:.2f}%, upload {row['upload_bytes']:,} B, wall {wall:.0f} s, "
             f"peak tree RSS {memory.peak_bytes / 2**20:.0f} MiB",
         )

@@ -12,7 +12,10 @@ ORDER = {"one-shot": 0, "multi-round": 1, "fedavg": 2, "fedprox": 3}
 def budget(row: dict) -> str:
     if row["protocol"] in ("one-shot", "multi-round"):
         augment = " +DSA" if row["eval_dsa"] else ""
-        return (f"DM IPC {row['ipc']}, {row['iterations']} it/round; server {row['eval_epochs']} epochs/round{augment}")
+        window = row.get("aggregate_window", 1)
+        trained_on = f" on the last {window} rounds' sets" if window > 1 else ""
+        return (f"DM IPC {row['ipc']}, {row['iterations']} it/round; "
+                f"server {row['eval_epochs']} epochs/round{trained_on}{augment}")
     return f"{row['local_epochs']} local epoch/round"
 
 

@@ -165,7 +165,9 @@ class FederationConfig(_Section):
 
     ``rounds`` counts server rounds (1 for ``one-shot``). In ``multi-round`` each
     round's global model becomes the clients' matching network, shaken by
-    Gaussian noise of ``perturbation`` times each weight tensor's std (FedDM).
+    Gaussian noise of ``perturbation`` times each weight tensor's std (FedDM),
+    and the server trains the global model on the aggregates of the last
+    ``aggregate_window`` rounds (earlier rounds' sets cost no new upload).
     ``local_*`` and ``proximal_mu`` set the baselines' client training;
     ``fraction_train`` is the share of nodes asked per baseline round.
 
@@ -183,6 +185,9 @@ class FederationConfig(_Section):
     aggregation: Literal["union", "class-weighted", "redistill"] = "union"
     server_ipc: int | None = Field(default=None, ge=1, description="images per class after 'redistill'")
     soft_labels: bool = Field(default=False, description="label the aggregate with the previous global model")
+    aggregate_window: int = Field(
+        default=1, ge=1, description="multi-round: the global model trains on the aggregates of this many latest rounds"
+    )
     perturbation: float = Field(default=0.01, ge=0)
     local_epochs: int = Field(default=1, ge=1)
     local_lr: float = Field(default=0.01, gt=0)
@@ -209,6 +214,8 @@ class FederationConfig(_Section):
             raise ValueError("federation.rounds must be >= 2 for protocol 'multi-round'")
         if self.soft_labels and self.protocol != "multi-round":
             raise ValueError("federation.soft_labels needs protocol 'multi-round' (a global model to label with)")
+        if self.aggregate_window > 1 and self.protocol != "multi-round":
+            raise ValueError("federation.aggregate_window > 1 needs protocol 'multi-round' (earlier rounds to keep)")
         return self
 
 

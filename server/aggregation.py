@@ -208,6 +208,34 @@ def redistill(clients: Sequence[ClientSet], context: AggregationContext) -> Aggr
     )
 
 
+def merge_rounds(rounds: Sequence[AggregateResult], context: AggregationContext) -> AggregateResult:
+    """Several rounds' aggregates (oldest first) as one training set, every round's classes weighing the same.
+
+    Multi-round runs with ``federation.aggregate_window`` > 1 train the global
+    model on the last rounds' sets together: more synthetic images for no
+    extra upload. Where any round carries weights, a round without them gets
+    uniform ones normalised per class, so that a class weighs as much in each
+    round as in any other (the ``class-weighted`` rule's normalisation).
+    """
+    if not rounds:
+        raise ValueError("merge_rounds: no aggregates to merge")
+    labelled = [ClientSet(f"round-{index:04d}", result.set) for index, result in enumerate(rounds)]
+    _ordered(labelled, context)
+    merged = _union(labelled, context, "rounds")
+    merged.provenance = {"rounds": len(rounds), "per_round": [dict(result.set.provenance) for result in rounds]}
+    if all(result.weights is None for result in rounds):
+        return AggregateResult(merged)
+    parts = []
+    for result in rounds:
+        if result.weights is not None:
+            parts.append(result.weights.to(device=context.device, dtype=torch.float32))
+            continue
+        labels = result.set.labels.to(device=context.device, dtype=torch.int64)
+        per_class = torch.bincount(labels, minlength=context.num_classes).float()
+        parts.append(1.0 / per_class[labels])
+    return AggregateResult(merged, torch.cat(parts))
+
+
 def soft_label(
     set: SyntheticSet, model: nn.Module, temperature: float = 1.0, batch_size: int = 256
 ) -> SyntheticSet:

@@ -60,7 +60,7 @@ from fedistill.report import save_class_grids
 from fedistill.runs import create_run_dir, save_config
 from fedistill.synthetic import SyntheticSet
 from fedistill.training import TrainSettings, evaluate_model, evaluate_set, train_model
-from server.aggregation import AggregateResult, AggregationContext, ClientSet, get_aggregator
+from server.aggregation import AggregateResult, AggregationContext, ClientSet, get_aggregator, merge_rounds, soft_label
 from server.history import RoundRecord, RunHistory, write_history
 from server.privacy import ClientPrivacy, PrivacyRecorder, read_privacy, refusal_reason
 from server.validation import (
@@ -82,6 +82,8 @@ log = logging.getLogger("fedistill.server")
 EVAL_SEED_OFFSET = 1_000_003
 POLL_S = 0.5
 """How often a waiting round asks the SuperLink for replies (Flower's own ``send_and_receive`` polls every 3 s)."""
+EARLIER_WEIGHTS = "weights"
+"""Key of a kept earlier aggregate's per-image training weights in the checkpoint."""
 
 UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 """Error codes the SuperLink itself sends for a node that stopped heartbeating or a message that expired:
@@ -483,6 +485,9 @@ class ServerState:
     """The server's privacy record (``PrivacyRecorder.to_state``); empty in a run without privacy."""
     defense: list[dict[str, Any]] = field(default_factory=list)
     """Per round, what the set defence (``attack.defense.method``) removed."""
+    earlier: list[AggregateResult] = field(default_factory=list)
+    """The aggregates (before soft labels) of the rounds before the last that the next round still trains on
+    (``federation.aggregate_window`` - 1 of them at most), oldest first, on the CPU."""
 
     def to_checkpoint(self, config: ExperimentConfig) -> Checkpoint:
         checkpoint = Checkpoint(self.completed)
@@ -490,6 +495,11 @@ class ServerState:
             checkpoint.put("global", dict(self.global_model.state_dict()))
         if self.aggregate is not None:
             checkpoint.put("aggregate", {k: torch.from_numpy(v) for k, v in self.aggregate.to_arrays().items()})
+        for index, result in enumerate(self.earlier):
+            arrays = {k: torch.from_numpy(np.array(v)) for k, v in result.set.to_arrays().items()}  # copies: may share the aggregate's memory
+            if result.weights is not None:
+                arrays[EARLIER_WEIGHTS] = result.weights.cpu().clone()
+            checkpoint.put(f"earlier/{index}", arrays)
         for partition, kept in self.kept.items():
             if kept.arrays is not None:
                 checkpoint.put(f"kept/{partition}", {k: torch.from_numpy(np.array(v)) for k, v in kept.arrays.items()})
@@ -525,6 +535,13 @@ class ServerState:
         aggregate = checkpoint.section("aggregate")
         if aggregate:
             state.aggregate = SyntheticSet.from_arrays({k: v.numpy() for k, v in aggregate.items()}, num_classes)
+        earlier = sorted({int(key.split("/")[1]) for key in checkpoint.tensors if key.startswith("earlier/")})
+        for index in earlier:
+            arrays = {k: v.numpy() for k, v in checkpoint.section(f"earlier/{index}").items()}
+            weights = arrays.pop(EARLIER_WEIGHTS, None)
+            state.earlier.append(AggregateResult(
+                SyntheticSet.from_arrays(arrays, num_classes), None if weights is None else torch.from_numpy(weights)
+            ))
         partitions = {int(key.split("/")[1]) for key in checkpoint.tensors if key.startswith("kept/")}
         for partition in partitions:
             arrays = {k: v.numpy() for k, v in checkpoint.section(f"kept/{partition}").items()}
@@ -689,16 +706,19 @@ class DistillationRun:
         aggregate, defense = aggregate_round(outcome.accepted, config, self.test, self.device)
         if defense is not None:
             state.defense.append({"round": server_round, **defense})
-        aggregate_set = aggregate.set
+        window = [*state.earlier, aggregate]
+        training = merge_rounds(window, AggregationContext(self.test.info.num_classes, self.device, config.seed)) \
+            if len(window) > 1 else aggregate
+        aggregate_set = training.set
         if federation.soft_labels and state.global_model is not None:
-            aggregate_set = with_soft_labels(aggregate_set, state.global_model)
+            aggregate_set = soft_label(aggregate_set, state.global_model)
         aggregate_set.save(self.run_dir / "aggregate.safetensors")
         seed = config.seed + EVAL_SEED_OFFSET
         if federation.protocol == "one-shot":
             kept_models: list[torch.nn.Module] = []
             result = evaluate_set(
                 aggregate_set, self.test_x, self.test_y, config.model.spec(), self.settings, self.device, seed=seed,
-                num_nets=config.eval.num_nets, sample_weights=aggregate.weights,
+                num_nets=config.eval.num_nets, sample_weights=training.weights,
                 on_model=lambda index, model: kept_models.append(model) if index == 0 else None,
             )
             state.global_model = kept_models[0]
@@ -708,7 +728,7 @@ class DistillationRun:
         else:
             state.global_model = state.global_model or fresh_model(config, self.test, self.device, seed)
             generator = torch.Generator().manual_seed(seed + server_round)
-            weights = aggregate.weights
+            weights = training.weights
             on_device = aggregate_set.to(self.device)
             train_model(state.global_model, on_device.images, on_device.labels, self.settings, generator,
                         on_device.soft_labels, None if weights is None else weights.to(self.device))
@@ -720,6 +740,11 @@ class DistillationRun:
             kept.continuable = global_record is not None
             kept.records.update(outcome.state.get(partition, {}))
         state.aggregate = aggregate_set
+        keep = federation.aggregate_window - 1
+        state.earlier = [
+            AggregateResult(result.set.to("cpu"), None if result.weights is None else result.weights.cpu())
+            for result in window[-keep:]
+        ] if keep else []
         seconds = time.perf_counter() - started
         record = RoundRecord(
             round=server_round,
@@ -737,8 +762,9 @@ class DistillationRun:
             partitions=sorted(outcome.partitions.values()),
         )
         self.console.print(
-            f"round {server_round}: {record.accepted}/{len(nodes)} sets, {len(aggregate_set)} images, "
-            f"accuracy {100 * accuracy:.2f}%, {seconds:.0f} s"
+            f"round {server_round}: {record.accepted}/{len(nodes)} sets, {len(aggregate_set)} images"
+            + (f" from the last {len(window)} rounds" if len(window) > 1 else "")
+            + f", accuracy {100 * accuracy:.2f}%, {seconds:.0f} s"
             + (f"; missing nodes: {', '.join(outcome.missing)}" if outcome.missing else "")
             + (f"; rejected: {', '.join(outcome.rejected)}" if outcome.rejected else "")
         )
@@ -920,18 +946,6 @@ def fresh_model(config: ExperimentConfig, test: ImageData, device: torch.device,
         torch.manual_seed(seed)
         model = build_model(config.model.spec(), (info.channels, info.height, info.width), info.num_classes)
     return model.to(device)
-
-
-def with_soft_labels(syn: SyntheticSet, teacher: torch.nn.Module) -> SyntheticSet:
-    """The set labelled by ``teacher``'s softmax (the previous global model), hard labels kept beside them."""
-    device = next(teacher.parameters()).device
-    was_training = teacher.training
-    teacher.eval()
-    with torch.inference_mode():
-        soft = torch.softmax(teacher(syn.images.to(device)), dim=1).float()
-    teacher.train(was_training)
-    return SyntheticSet(syn.images, syn.labels, syn.num_classes, syn.source_counts, soft.to(syn.images.device),
-                        {**syn.provenance, "soft_labels": "global model"})
 
 
 def _aggregation_context(config: ExperimentConfig, test: ImageData, device: torch.device) -> AggregationContext:

@@ -81,6 +81,17 @@ def test_multi_round_sends_the_global_model_and_clients_continue_their_sets(tmp_
     assert aggregate.soft_labels is not None and torch.allclose(aggregate.soft_labels.sum(1), torch.ones(len(aggregate)))
 
 
+def test_aggregate_window_trains_the_global_model_on_earlier_rounds_sets_too(tmp_path: Path) -> None:
+    config = small_config(tmp_path, protocol="multi-round", rounds=3, aggregate_window=2)
+    run_dir = run_distillation(LocalGrid(config, 3), config)
+    aggregate = SyntheticSet.load(run_dir / "aggregate.safetensors")
+    second = [SyntheticSet.load(path) for path in sorted((run_dir / "round-002").glob("*.safetensors"))]
+    third = [SyntheticSet.load(path) for path in sorted((run_dir / "round-003").glob("*.safetensors"))]
+    assert aggregate.provenance["rounds"] == 2
+    assert torch.equal(aggregate.images, torch.cat([s.images for s in second + third]))
+    assert torch.equal(aggregate.labels, torch.cat([s.labels for s in second + third]))
+
+
 def nan_images(reply: Message) -> Message:
     record = reply.content.array_records["set"]
     images = record["images"].numpy().copy()

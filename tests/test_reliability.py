@@ -121,6 +121,22 @@ def test_resume_after_a_kill_at_round_k_ends_exactly_like_the_uninterrupted_run(
     assert (RESTORE_PREFIX + "previous-set" in first.content) == (k == 3)
 
 
+def test_resume_keeps_the_earlier_rounds_an_aggregate_window_trains_on(tmp_path: Path) -> None:
+    config = small_config(tmp_path / "whole", protocol="multi-round", rounds=3, aggregate_window=2)
+    whole = run_distillation(LocalGrid(config, 3), config)
+    config = small_config(tmp_path / "killed", protocol="multi-round", rounds=3, aggregate_window=2)
+    grid = LocalGrid(config, 3)
+    crash_at_round(grid, 3)
+    with pytest.raises(Killed):
+        run_distillation(grid, config)
+    (run_dir,) = (tmp_path / "killed").glob("fed-*")
+    assert "earlier/0/images" in load_checkpoint(run_dir).tensors
+    run_distillation(LocalGrid(config, 3, first_node=201), config, control=RunControl(resume=run_dir))
+    assert outcome(run_dir) == outcome(whole)
+    resumed, original = load_file(str(run_dir / "aggregate.safetensors")), load_file(str(whole / "aggregate.safetensors"))
+    assert all(torch.equal(resumed[key], original[key]) for key in original)
+
+
 def test_interrupted_run_records_its_state_and_a_stop_request_ends_it(tmp_path: Path) -> None:
     """A stop request (Ctrl-C in ``fedistill run``) ends the run at its next wait with a resumable directory."""
     import threading

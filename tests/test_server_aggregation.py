@@ -15,6 +15,7 @@ from server.aggregation import (
     ClientSet,
     available_aggregators,
     get_aggregator,
+    merge_rounds,
     register_aggregator,
     soft_label,
 )
@@ -120,6 +121,22 @@ def test_class_weighted_splits_a_clients_share_among_its_images() -> None:
     weights = get_aggregator("class-weighted")([many, one], context()).weights
     assert weights is not None
     assert weights.tolist() == pytest.approx([0.125, 0.125, 0.125, 0.125, 0.5])
+
+
+def test_merge_rounds_keeps_round_order_and_only_needs_weights_where_a_round_has_them() -> None:
+    first = get_aggregator("union")([client("a", [0, 1], [5, 5, 0], fill=10.0)], context())
+    second = get_aggregator("union")([client("a", [0, 0, 2], [5, 0, 5], fill=20.0)], context())
+    plain = merge_rounds([first, second], context())
+    assert plain.weights is None and plain.set.images[:, 0, 0, 0].tolist() == [10.0, 11.0, 20.0, 21.0, 22.0]
+    assert plain.set.labels.tolist() == [0, 1, 0, 0, 2] and plain.set.source_counts.tolist() == [10, 5, 5]
+    assert plain.set.provenance["rounds"] == 2 and plain.set.provenance["per_round"][0]["aggregation"] == "union"
+    weighted = get_aggregator("class-weighted")([client("b", [0, 2], [3, 0, 1])], context())
+    mixed = merge_rounds([second, weighted], context())
+    assert mixed.weights is not None and mixed.weights.tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0, 1.0])
+    labels = mixed.set.labels
+    assert float(mixed.weights[labels == 0].sum()) == pytest.approx(2.0)  # one per round that has the class
+    with pytest.raises(ValueError, match="no aggregates"):
+        merge_rounds([], context())
 
 
 def test_class_weighted_refuses_images_without_source_data() -> None:
