@@ -11,19 +11,20 @@ run() {
     || echo "FAILED: $*"
 }
 DISTILL=(--iterations 300 --eval-epochs 300 --eval-dsa)
-MULTI=(--rounds 5 --iterations 100 --eval-epochs 100 --eval-dsa)
+MULTI=(--rounds 5 --iterations 60 --eval-epochs 60 --eval-dsa)
 run --protocol one-shot --alpha 0.5 "${DISTILL[@]}" \
     --record fed-fmnist-dir0.5-oneshot-dm-ipc10-acc=accuracy --record fed-fmnist-dir0.5-oneshot-upload-bytes=upload_bytes
-run --protocol fedavg --alpha 0.5 --rounds 20 \
+run --protocol fedavg --alpha 0.5 --rounds 10 \
     --record fed-fmnist-dir0.5-fedavg-acc=accuracy --record fed-fmnist-fedavg-round-upload-bytes=round_upload_bytes
 run --protocol multi-round --alpha 0.5 "${MULTI[@]}" --record fed-fmnist-dir0.5-multiround-dm-ipc10-acc=accuracy
-run --protocol fedprox --alpha 0.5 --rounds 20
+run --protocol multi-round --alpha 0.5 "${MULTI[@]}" --aggregate-window 5
+run --protocol fedprox --alpha 0.5 --rounds 10
 for clients in 10 50 100; do
   record=()
   [ "$clients" = 100 ] && record=(--record fed-round-100-clients-seconds=round_seconds)
-  run --protocol one-shot --clients "$clients" --iterations 50 --eval-epochs 50 --min-partition-size 20 --tag scaling "${record[@]}"
+  run --protocol one-shot --clients "$clients" --iterations 20 --eval-epochs 30 --min-partition-size 20 --tag scaling "${record[@]}"
 done
 run --protocol one-shot --alpha 0.1 "${DISTILL[@]}"
-run --protocol fedavg --alpha 0.1 --rounds 20
+run --protocol fedavg --alpha 0.1 --rounds 10
 run --protocol multi-round --alpha 0.1 "${MULTI[@]}"
-run --protocol fedprox --alpha 0.1 --rounds 20
+run --protocol fedprox --alpha 0.1 --rounds 10
