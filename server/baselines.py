@@ -22,6 +22,10 @@ what the harness needs and Flower leaves out:
   ``configure_train`` first waits (bounded) for ``federation.min_clients``
   nodes. The strategy talks to the nodes through ``QuorumGrid``, which gives
   its ``send_and_receive`` the protocols' quorum and straggler timeout;
+- sampling: with ``federation.fraction_train`` < 1, Flower's seeded
+  ``random.sample`` draws from the node ids in partition order (each node is
+  asked once with an ``identify`` query), so a seed asks the same partitions
+  in every launch although the node ids are new each time;
 - checkpoints: the central evaluation that closes each round also writes the
   checkpoint (global arrays, history, RNG states: Flower samples nodes with
   Python's ``random``), and a resumed run starts Flower's strategy again from
@@ -72,6 +76,7 @@ from server.federation import (
     discard_unfinished_rounds,
     exchange,
     fresh_model,
+    identify,
     load_resumable,
     partition_label,
     resume_hint,
@@ -373,20 +378,39 @@ class QuorumGrid:
     Flower's strategies call ``grid.send_and_receive(messages, timeout)``,
     which waits for every reply or the timeout; through this wrapper a round
     also ends ``straggler_timeout_s`` after the quorum of replies without an
-    error, and a stop request ends the wait. Everything else goes to the
-    wrapped grid.
+    error, and a stop request ends the wait. With ``num_partitions`` set,
+    ``get_node_ids`` lists the nodes by the partition each holds (see
+    ``by_partition``). Everything else goes to the wrapped grid.
     """
 
-    def __init__(self, grid: GridLike, policy: WaitPolicy, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        grid: GridLike,
+        policy: WaitPolicy,
+        stop: threading.Event | None = None,
+        num_partitions: int | None = None,
+    ) -> None:
         self.grid = grid
         self.policy = policy
         self.stop = stop
+        self.num_partitions = num_partitions
+        self.node_partition: dict[int, int] = {}
+        self.asked: set[int] = set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
+        nodes = [int(node) for node in self.grid.get_node_ids()]
+        if self.num_partitions is None:
+            return nodes
+        unknown = [node for node in sorted(nodes) if node not in self.asked]
+        if unknown:
+            self.asked.update(unknown)
+            self.node_partition.update(identify(
+                self.grid, unknown, self.policy, self.num_partitions, self.stop, self.policy.needed(len(unknown))
+            ))
+        return by_partition(nodes, self.node_partition)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
@@ -400,6 +424,17 @@ class QuorumGrid:
 
         exchange(self.grid, messages, self.policy, on_reply, self.policy.needed(len(messages)), self.stop)
         return replies
+
+
+def by_partition(nodes: Iterable[int], node_partition: dict[int, int]) -> list[int]:
+    """Node ids ordered by the partition each holds; nodes of unknown partition last, by id.
+
+    Flower samples a round's nodes with ``random.sample(grid.get_node_ids(), k)``:
+    seeded, it repeats the positions it draws, not the nodes. Node ids are new
+    in every launch of the simulation engine and every SuperNode restart, so
+    only a list in partition order makes the same seed ask the same partitions.
+    """
+    return sorted(nodes, key=lambda node: (0, node_partition[node], node) if node in node_partition else (1, 0, node))
 
 
 def run_baseline(
@@ -559,7 +594,11 @@ def run_baseline(
             nodes_seen[0] = len(nodes)
             with _python_random(config.seed if completed == 0 else None):
                 strategy.start(
-                    grid=QuorumGrid(grid, policy, control.stop),  # type: ignore[arg-type]
+                    grid=QuorumGrid(  # type: ignore[arg-type]
+                        grid, policy, control.stop,
+                        # Sampling a share of the nodes: draw from them in partition order (by_partition).
+                        config.partition.num_clients if federation.fraction_train < 1 else None,
+                    ),
                     initial_arrays=state["arrays"],
                     num_rounds=remaining,
                     timeout=federation.round_timeout_s,

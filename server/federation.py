@@ -417,9 +417,18 @@ def reply_limits(config: ExperimentConfig, test: ImageData) -> ReplyLimits:
 
 
 def identify(
-    grid: GridLike, nodes: list[int], policy: WaitPolicy, num_partitions: int, stop: threading.Event | None
+    grid: GridLike,
+    nodes: list[int],
+    policy: WaitPolicy,
+    num_partitions: int,
+    stop: threading.Event | None,
+    needed: int | None = None,
 ) -> dict[int, int]:
-    """Ask ``nodes`` which partition each holds (one ``identify`` query each); nodes that do not say are left out."""
+    """Ask ``nodes`` which partition each holds (one ``identify`` query each); nodes that do not say are left out.
+
+    The wait ends when all have answered, or ``needed`` (default: all) valid
+    answers and the straggler timeout later, or ``round_timeout_s`` after asking.
+    """
     found: dict[int, int] = {}
 
     def on_reply(node: int, reply: Message) -> bool:
@@ -441,7 +450,7 @@ def identify(
         Message(RecordDict({"config": identify_record()}), dst_node_id=node, message_type=MessageType.QUERY)
         for node in nodes
     ]
-    exchange(grid, messages, policy, on_reply, needed=len(nodes), stop=stop)
+    exchange(grid, messages, policy, on_reply, needed=len(nodes) if needed is None else needed, stop=stop)
     return found
 
 

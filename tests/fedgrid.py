@@ -41,7 +41,9 @@ class LocalGrid:
     heartbeating; nodes in ``hang`` never answer. Contexts carry an empty run
     config, as in the in-process simulation: the experiment has to travel in
     the messages. ``first_node`` sets the node ids (101, 102, ... by default),
-    so a "restarted" federation can get new ids for the same partitions.
+    so a "restarted" federation can get new ids for the same partitions;
+    ``partitions`` gives the partition of each node in id order (default: the
+    same order), as a launch that hands out node ids at random would.
     ``sent`` keeps every message, ``sent_config`` a copy of each message's
     config record as it was when sent (Flower's strategies reuse and mutate
     one record across messages and rounds).
@@ -57,8 +59,11 @@ class LocalGrid:
         hang: Iterable[int] = (),
         unavailable: Iterable[int] = (),
         first_node: int = 101,
+        partitions: Iterable[int] | None = None,
     ) -> None:
         self.nodes = list(range(first_node, first_node + num_nodes))
+        order = list(range(num_nodes)) if partitions is None else list(partitions)
+        assert sorted(order) == list(range(num_nodes)), "partitions must be a permutation of the partition ids"
         self.tamper = tamper or {}
         self.crash = set(crash)
         self.hang = set(hang)
@@ -71,11 +76,11 @@ class LocalGrid:
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": index, "num-partitions": num_nodes},
+                node_config={"partition-id": partition, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config={},
             )
-            for index, node in enumerate(self.nodes)
+            for partition, node in zip(order, self.nodes, strict=True)
         }
 
     def get_node_ids(self) -> list[int]:

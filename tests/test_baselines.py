@@ -22,7 +22,7 @@ from fedistill.data import load_dataset
 from fedistill.messages import PROXIMAL_MU, ROUND, TASK, state_to_record
 from fedistill.models import build_model
 from fedistill.training import evaluate_model
-from server.baselines import run_baseline
+from server.baselines import by_partition, run_baseline
 from server.federation import NotEnoughClients, fresh_model
 
 
@@ -134,6 +134,32 @@ def test_fedavg_two_rounds_end_to_end(tmp_path: Path) -> None:
     assert all(c[TASK] == "fit" and PROXIMAL_MU not in c and c["model.width"] == 16 for c in grid.sent_config)
     first, second = (grid.sent[i].content.array_records["arrays"] for i in (0, 3))
     assert any(not np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
+
+
+@pytest.mark.parametrize("partitions", [[0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]])
+def test_sampled_rounds_ask_the_same_partitions_whatever_the_node_ids(tmp_path: Path, partitions: list[int]) -> None:
+    """A seed decides which partitions a sampled round asks; node ids (new every launch) do not."""
+    def four_clients(out: Path) -> ExperimentConfig:
+        values = small_config(out, rounds=3, fraction_train=0.5).model_dump(mode="json", exclude_none=True)
+        return parse_config({**values, "partition": {**values["partition"], "num_clients": 4}})
+
+    config = four_clients(tmp_path / "ordered")
+    reference = read_metrics(run_baseline(LocalGrid(config, 4), config))
+    config = four_clients(tmp_path / "shuffled")
+    run_dir = run_baseline(LocalGrid(config, 4, first_node=301, partitions=partitions), config)
+    metrics = read_metrics(run_dir)
+    asked = [record["partitions"] for record in metrics["rounds"]]
+    assert all(len(round_partitions) == 2 for round_partitions in asked)
+    assert asked == [record["partitions"] for record in reference["rounds"]]
+    assert [r["accuracy"] for r in metrics["rounds"]] == [r["accuracy"] for r in reference["rounds"]]
+    (reference_dir,) = (tmp_path / "ordered").glob("fed-*")
+    reference_model = load_file(str(reference_dir / "global_model.safetensors"))
+    model = load_file(str(run_dir / "global_model.safetensors"))
+    assert all(torch.equal(model[key], reference_model[key]) for key in reference_model)
+
+
+def test_by_partition_puts_unidentified_nodes_last_by_id() -> None:
+    assert by_partition([40, 10, 30, 20], {30: 0, 10: 2}) == [30, 10, 20, 40]
 
 
 def test_fedprox_sends_proximal_mu_and_clients_use_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
