@@ -212,17 +212,23 @@ def test_flwr_run_resumes_through_the_resume_app_key_and_only_the_same_experimen
     assert list(tmp_path.glob("fed-*")) == [run_dir]
 
 
-def test_fedavg_resume_after_a_kill_ends_exactly_like_the_uninterrupted_run(tmp_path: Path) -> None:
-    baseline = {"protocol": "fedavg", "rounds": 2, "local_epochs": 1, "local_lr": 0.05, "local_batch": 32}
+@pytest.mark.parametrize("fraction_train", [1.0, 0.67])
+def test_fedavg_resume_after_a_kill_ends_exactly_like_the_uninterrupted_run(
+    tmp_path: Path, fraction_train: float
+) -> None:
+    """Also when each round samples 2 of the 3 nodes and the restarted nodes' ids come in another partition order."""
+    baseline = {"protocol": "fedavg", "rounds": 2, "local_epochs": 1, "local_lr": 0.05, "local_batch": 32,
+                "fraction_train": fraction_train}
     straight = run_baseline(LocalGrid(config := small_config(tmp_path / "a", **baseline), 3), config)
     grid = LocalGrid(config := small_config(tmp_path / "b", **baseline), 3)
     crash_at_round(grid, 2)
     with pytest.raises(Killed):
         run_baseline(grid, config)
     (run_dir,) = (tmp_path / "b").glob("fed-*")
-    restarted = LocalGrid(config, 3, first_node=501)
+    restarted = LocalGrid(config, 3, first_node=501, partitions=[2, 0, 1])
     run_baseline(restarted, config, control=RunControl(resume=run_dir))
     assert outcome(run_dir) == outcome(straight)
+    assert [r["asked"] for r in metrics(run_dir)["rounds"]] == [3 if fraction_train == 1.0 else 2] * 2
     assert metrics(run_dir)["initial"] == metrics(straight)["initial"]
     resumed, original = load_file(str(run_dir / "global_model.safetensors")), load_file(str(straight / "global_model.safetensors"))
     assert all(torch.equal(resumed[key], original[key]) for key in original)
