@@ -116,6 +116,7 @@ def main() -> None:
         "eval_epochs": args.eval_epochs,
         "eval_dsa": args.eval_dsa,
         "local_epochs": args.local_epochs,
+        "proximal_mu": config.federation.proximal_mu if args.protocol == "fedprox" else None,
         "aggregate_window": args.aggregate_window,
         "accuracy": rounds[-1]["accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.common import RESULTS
+from fedistill.config import FederationConfig
 
 ORDER = {"one-shot": 0, "multi-round": 1, "fedavg": 2, "fedprox": 3}
 
@@ -16,6 +17,10 @@ def budget(row: dict) -> str:
         trained_on = f" on the last {window} rounds' sets" if window > 1 else ""
         return (f"DM IPC {row['ipc']}, {row['iterations']} it/round; "
                 f"server {row['eval_epochs']} epochs/round{trained_on}{augment}")
+    if row["protocol"] == "fedprox":
+        # Rows written before bench_fed recorded the mu ran with the config's default.
+        mu = row.get("proximal_mu", FederationConfig.model_fields["proximal_mu"].default)
+        return f"{row['local_epochs']} local epoch/round, proximal mu {mu:g}"
     return f"{row['local_epochs']} local epoch/round"
 
 
