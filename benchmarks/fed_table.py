@@ -24,6 +24,13 @@ def budget(row: dict) -> str:
     return f"{row['local_epochs']} local epoch/round"
 
 
+def machine(row: dict) -> str:
+    """The CPU model and run date of a row: wall times only compare within one machine."""
+    cpu = row["hardware"].split(",")[0].replace("(R)", "").replace(" Processor", "")
+    stamp = row["run_dir"].rsplit("-", 2)[-2]
+    return f"{cpu}, {stamp[:4]}-{stamp[4:6]}-{stamp[6:]}"
+
+
 def main() -> None:
     rows = [json.loads(path.read_text()) for path in sorted((RESULTS / "fed").glob("*.json"))]
     scaling = sorted((row for row in rows if "--tag scaling" in row["command"]), key=lambda row: row["clients"])
@@ -31,12 +38,12 @@ def main() -> None:
         (row for row in rows if "--tag scaling" not in row["command"]),
         key=lambda row: (-row["alpha"], ORDER[row["protocol"]]),
     )
-    print("| Dirichlet α | protocol | rounds | final accuracy (%) | upload (MB) | wall time (s) | budget |")
-    print("|---|---|---|---|---|---|---|")
+    print("| Dirichlet α | protocol | rounds | final accuracy (%) | upload (MB) | wall time (s) | machine | budget |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in accuracy_rows:
         print(
             f"| {row['alpha']:g} | {row['protocol']} | {row['rounds']} | {100 * row['accuracy']:.2f} "
-            f"| {row['upload_bytes'] / 1e6:.2f} | {row['wall_seconds']:.0f} | {budget(row)} |"
+            f"| {row['upload_bytes'] / 1e6:.2f} | {row['wall_seconds']:.0f} | {machine(row)} | {budget(row)} |"
         )
     if scaling:
         print()
