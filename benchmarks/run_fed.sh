@@ -16,8 +16,10 @@ run --protocol one-shot --alpha 0.5 "${DISTILL[@]}" \
     --record fed-fmnist-dir0.5-oneshot-dm-ipc10-acc=accuracy --record fed-fmnist-dir0.5-oneshot-upload-bytes=upload_bytes
 run --protocol fedavg --alpha 0.5 --rounds 10 \
     --record fed-fmnist-dir0.5-fedavg-acc=accuracy --record fed-fmnist-fedavg-round-upload-bytes=round_upload_bytes
-run --protocol multi-round --alpha 0.5 "${MULTI[@]}" --record fed-fmnist-dir0.5-multiround-dm-ipc10-acc=accuracy
+run --protocol multi-round --alpha 0.5 "${MULTI[@]}"
 run --protocol multi-round --alpha 0.5 "${MULTI[@]}" --aggregate-window 5
+run --protocol multi-round --alpha 0.5 --rounds 5 --iterations 300 --eval-epochs 60 --eval-dsa --aggregate-window 5 \
+    --tag it300 --record fed-fmnist-dir0.5-multiround-dm-ipc10-acc=accuracy
 run --protocol fedprox --alpha 0.5 --rounds 10
 for clients in 10 50 100; do
   record=()
