@@ -43,6 +43,8 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
     }
     if args.aggregate_window > 1:
         federation["aggregate_window"] = args.aggregate_window
+    if args.client_start != "previous":
+        federation["client_start"] = args.client_start
     return parse_config(
         {
             "seed": args.seed,
@@ -84,6 +86,8 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1, help="FedAvg/FedProx local epochs per round")
     parser.add_argument("--aggregate-window", type=int, default=1,
                         help="multi-round: train the global model on the last N rounds' aggregates")
+    parser.add_argument("--client-start", default="previous", choices=["previous", "fresh"],
+                        help="multi-round: each round's set refines the node's last one, or starts afresh")
     parser.add_argument("--min-partition-size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the row file, for variants of one setting")
@@ -118,6 +122,7 @@ def main() -> None:
         "local_epochs": args.local_epochs,
         "proximal_mu": config.federation.proximal_mu if args.protocol == "fedprox" else None,
         "aggregate_window": args.aggregate_window,
+        "client_start": args.client_start,
         "accuracy": rounds[-1]["accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],
         "upload_bytes": metrics["upload_bytes"],
@@ -136,6 +141,7 @@ def main() -> None:
     }
     name = (f"{args.protocol}-dir{args.alpha:g}-c{args.clients}"
             + (f"-window{args.aggregate_window}" if args.aggregate_window > 1 else "")
+            + ("-fresh" if args.client_start == "fresh" else "")
             + (f"-{args.tag}" if args.tag else ""))
     out = RESULTS / "fed" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +157,8 @@ def main() -> None:
             + (f"DM IPC {args.ipc}, {args.iterations} it/round, {args.batch_real} real/class; "
                if args.protocol in ("one-shot", "multi-round") else f"{args.local_epochs} local epoch(s)/round; ")
             + f"server training {args.eval_epochs} epochs{' +DSA' if args.eval_dsa else ''}"
-            + (f" on the last {args.aggregate_window} rounds' aggregates" if args.aggregate_window > 1 else "") + "; "
+            + (f" on the last {args.aggregate_window} rounds' aggregates" if args.aggregate_window > 1 else "")
+            + ("; clients start a fresh set each round" if args.client_start == "fresh" else "") + "; "
             f"accuracy {100 * row['accuracy']:.2f}%, upload {row['upload_bytes']:,} B, wall {wall:.0f} s, "
             f"peak tree RSS {memory.peak_bytes / 2**20:.0f} MiB",
         )

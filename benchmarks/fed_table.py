@@ -15,7 +15,8 @@ def budget(row: dict) -> str:
         augment = " +DSA" if row["eval_dsa"] else ""
         window = row.get("aggregate_window", 1)
         trained_on = f" on the last {window} rounds' sets" if window > 1 else ""
-        return (f"DM IPC {row['ipc']}, {row['iterations']} it/round; "
+        fresh = "; a fresh set each round" if row.get("client_start") == "fresh" else ""
+        return (f"DM IPC {row['ipc']}, {row['iterations']} it/round{fresh}; "
                 f"server {row['eval_epochs']} epochs/round{trained_on}{augment}")
     if row["protocol"] == "fedprox":
         # Rows written before bench_fed recorded the mu ran with the config's default.

@@ -223,11 +223,13 @@ def _distill_round(
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     """This round's set as arrays, and its metrics.
 
-    With a global model in the message (multi-round) the node matches under it,
-    continues from its previous set and keeps the new one for the next round.
+    With a global model in the message (multi-round) the node matches under it;
+    with ``federation.client_start = "previous"`` it also continues from its
+    previous set and keeps the new one for the next round.
     """
     global_record = msg.content.array_records.get("global")
-    previous = context.state.array_records.get(PREVIOUS_SET) if global_record is not None else None
+    refining = global_record is not None and config.federation.client_start == "previous"
+    previous = context.state.array_records.get(PREVIOUS_SET) if refining else None
     syn, metrics = distill_partition(
         config,
         data,
@@ -239,7 +241,7 @@ def _distill_round(
         on_iteration=on_iteration,
     )
     arrays = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in syn.to_arrays().items()})
-    if global_record is not None:
+    if refining:
         context.state[PREVIOUS_SET] = arrays
     return arrays, {**metrics, CONTINUED: int(previous is not None)}
 

@@ -168,6 +168,10 @@ class FederationConfig(_Section):
     Gaussian noise of ``perturbation`` times each weight tensor's std (FedDM),
     and the server trains the global model on the aggregates of the last
     ``aggregate_window`` rounds (earlier rounds' sets cost no new upload).
+    ``client_start`` says where a node's set starts each multi-round round:
+    ``previous`` refines its last set (FedDM), ``fresh`` starts a new one from
+    ``distill.init`` with other real images, so that a window of rounds holds
+    different images rather than versions of the same ones.
     ``local_*`` and ``proximal_mu`` set the baselines' client training;
     ``fraction_train`` is the share of nodes asked per baseline round.
 
@@ -187,6 +191,9 @@ class FederationConfig(_Section):
     soft_labels: bool = Field(default=False, description="label the aggregate with the previous global model")
     aggregate_window: int = Field(
         default=1, ge=1, description="multi-round: the global model trains on the aggregates of this many latest rounds"
+    )
+    client_start: Literal["previous", "fresh"] = Field(
+        default="previous", description="multi-round: refine the node's last set, or start a new one each round"
     )
     perturbation: float = Field(default=0.01, ge=0)
     local_epochs: int = Field(default=1, ge=1)
@@ -216,6 +223,8 @@ class FederationConfig(_Section):
             raise ValueError("federation.soft_labels needs protocol 'multi-round' (a global model to label with)")
         if self.aggregate_window > 1 and self.protocol != "multi-round":
             raise ValueError("federation.aggregate_window > 1 needs protocol 'multi-round' (earlier rounds to keep)")
+        if self.client_start == "fresh" and self.protocol != "multi-round":
+            raise ValueError("federation.client_start = 'fresh' needs protocol 'multi-round' (rounds after the first)")
         return self
 
 

@@ -746,7 +746,7 @@ class DistillationRun:
             partition = int(client.client_id.removeprefix("partition-"))
             kept = state.kept.setdefault(partition, KeptState())
             kept.arrays = client.set.to_arrays()
-            kept.continuable = global_record is not None
+            kept.continuable = global_record is not None and federation.client_start == "previous"
             kept.records.update(outcome.state.get(partition, {}))
         state.aggregate = aggregate_set
         keep = federation.aggregate_window - 1

@@ -88,6 +88,10 @@ def test_federation_consistency_errors() -> None:
         parse_config({"federation": {"aggregate_window": 3}})
     with pytest.raises(ConfigError, match="federation.aggregate_window: Input should be greater than or equal to 1"):
         parse_config({"federation": {"protocol": "multi-round", "rounds": 2, "aggregate_window": 0}})
+    with pytest.raises(ConfigError, match="client_start = 'fresh' needs protocol 'multi-round'"):
+        parse_config({"federation": {"client_start": "fresh"}})
+    with pytest.raises(ConfigError, match="federation.client_start: invalid value 'new'; allowed: 'previous' or 'fresh'"):
+        parse_config({"federation": {"protocol": "multi-round", "rounds": 2, "client_start": "new"}})
     with pytest.raises(ConfigError, match="federation.fraction_train: Input should be less than or equal to 1"):
         parse_config({"federation": {"protocol": "fedavg", "fraction_train": 1.5}})
     with pytest.raises(ConfigError, match="federation.server_ipc is required"):

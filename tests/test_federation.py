@@ -12,6 +12,8 @@ import torch
 from fedgrid import LocalGrid, fake_task_identity
 from flwr.app import Array, ArrayRecord, Message
 
+from clients.app import load_partition
+from fedistill.checkpoint import load_checkpoint
 from fedistill.config import ExperimentConfig, parse_config
 from fedistill.synthetic import SyntheticSet
 from server.federation import NotEnoughClients, run_distillation, train_messages
@@ -90,6 +92,36 @@ def test_aggregate_window_trains_the_global_model_on_earlier_rounds_sets_too(tmp
     assert aggregate.provenance["rounds"] == 2
     assert torch.equal(aggregate.images, torch.cat([s.images for s in second + third]))
     assert torch.equal(aggregate.labels, torch.cat([s.labels for s in second + third]))
+
+
+@pytest.mark.parametrize("client_start", ["previous", "fresh"])
+def test_client_start_fresh_gives_each_round_other_real_images(tmp_path: Path, client_start: str) -> None:
+    """At zero iterations a set is its starting images: refining keeps round 2's images (the first made under
+    a global model, from which nodes continue), fresh draws other real images every round."""
+    config = small_config(tmp_path, protocol="multi-round", rounds=3, aggregate_window=3, client_start=client_start)
+    config.distill.iterations = 0
+    continued: list[int] = []
+
+    def spy(reply: Message) -> Message:
+        continued.append(int(reply.content.metric_records["metrics"]["continued"]))
+        return reply
+
+    grid = LocalGrid(config, 3, {101: spy})
+    run_dir = run_distillation(grid, config)
+    sets = [SyntheticSet.load(run_dir / f"round-00{r}" / "partition-0000.safetensors") for r in (1, 2, 3)]
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint is not None
+    kept_continuable = checkpoint.state["kept_continuable"]
+    if client_start == "previous":
+        assert continued == [0, 0, 1] and kept_continuable == [0, 1, 2]
+        assert torch.equal(sets[2].images, sets[1].images)
+        return
+    assert continued == [0, 0, 0] and kept_continuable == []
+    assert not torch.equal(sets[1].images, sets[0].images) and not torch.equal(sets[2].images, sets[1].images)
+    real = load_partition(config, 0, 3).normalized(torch.device("cpu")).flatten(1)
+    for later in sets:
+        nearest = torch.cdist(later.images.flatten(1), real, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+        assert nearest.values.max() < 1e-5  # each image is one of the partition's real images
 
 
 def nan_images(reply: Message) -> Message:
