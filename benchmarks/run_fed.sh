@@ -19,7 +19,9 @@ run --protocol fedavg --alpha 0.5 --rounds 10 \
 run --protocol multi-round --alpha 0.5 "${MULTI[@]}"
 run --protocol multi-round --alpha 0.5 "${MULTI[@]}" --aggregate-window 5
 run --protocol multi-round --alpha 0.5 --rounds 5 --iterations 300 --eval-epochs 60 --eval-dsa --aggregate-window 5 \
-    --tag it300 --record fed-fmnist-dir0.5-multiround-dm-ipc10-acc=accuracy
+    --tag it300
+run --protocol multi-round --alpha 0.5 "${MULTI[@]}" --aggregate-window 5 --client-start fresh \
+    --record fed-fmnist-dir0.5-multiround-dm-ipc10-acc=accuracy
 run --protocol fedprox --alpha 0.5 --rounds 10
 for clients in 10 50 100; do
   record=()
@@ -29,4 +31,5 @@ done
 run --protocol one-shot --alpha 0.1 "${DISTILL[@]}"
 run --protocol fedavg --alpha 0.1 --rounds 10
 run --protocol multi-round --alpha 0.1 "${MULTI[@]}"
+run --protocol multi-round --alpha 0.1 "${MULTI[@]}" --aggregate-window 5 --client-start fresh
 run --protocol fedprox --alpha 0.1 --rounds 10
