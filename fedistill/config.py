@@ -170,8 +170,8 @@ class FederationConfig(_Section):
     ``aggregate_window`` rounds (earlier rounds' sets cost no new upload).
     ``client_start`` says where a node's set starts each multi-round round:
     ``previous`` refines its last set (FedDM), ``fresh`` starts a new one from
-    ``distill.init`` with other real images, so that a window of rounds holds
-    different images rather than versions of the same ones.
+    ``distill.init`` with a new draw (other real images for ``real``), so that
+    a window of rounds holds different images rather than versions of one set.
     ``local_*`` and ``proximal_mu`` set the baselines' client training;
     ``fraction_train`` is the share of nodes asked per baseline round.
 
