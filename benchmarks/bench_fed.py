@@ -123,6 +123,7 @@ def main() -> None:
         "proximal_mu": config.federation.proximal_mu if args.protocol == "fedprox" else None,
         "aggregate_window": args.aggregate_window,
         "client_start": args.client_start,
+        "seed": args.seed,
         "accuracy": rounds[-1]["accuracy"],
         "accuracy_per_round": [r["accuracy"] for r in rounds],
         "upload_bytes": metrics["upload_bytes"],

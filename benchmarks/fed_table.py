@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from benchmarks.common import RESULTS
 from fedistill.config import FederationConfig
@@ -10,19 +11,28 @@ from fedistill.config import FederationConfig
 ORDER = {"one-shot": 0, "multi-round": 1, "fedavg": 2, "fedprox": 3}
 
 
+def seed(row: dict) -> int:
+    """The experiment seed (partitions, starting images, networks); older rows name it only in their command."""
+    if "seed" in row:
+        return int(row["seed"])
+    words = shlex.split(row["command"])
+    return int(words[words.index("--seed") + 1]) if "--seed" in words else 0
+
+
 def budget(row: dict) -> str:
+    seeded = f"; seed {seed(row)}" if seed(row) else ""
     if row["protocol"] in ("one-shot", "multi-round"):
         augment = " +DSA" if row["eval_dsa"] else ""
         window = row.get("aggregate_window", 1)
         trained_on = f" on the last {window} rounds' sets" if window > 1 else ""
         fresh = "; a fresh set each round" if row.get("client_start") == "fresh" else ""
         return (f"DM IPC {row['ipc']}, {row['iterations']} it/round{fresh}; "
-                f"server {row['eval_epochs']} epochs/round{trained_on}{augment}")
+                f"server {row['eval_epochs']} epochs/round{trained_on}{augment}{seeded}")
     if row["protocol"] == "fedprox":
         # Rows written before bench_fed recorded the mu ran with the config's default.
         mu = row.get("proximal_mu", FederationConfig.model_fields["proximal_mu"].default)
-        return f"{row['local_epochs']} local epoch/round, proximal mu {mu:g}"
-    return f"{row['local_epochs']} local epoch/round"
+        return f"{row['local_epochs']} local epoch/round, proximal mu {mu:g}{seeded}"
+    return f"{row['local_epochs']} local epoch/round{seeded}"
 
 
 def machine(row: dict) -> str:
