@@ -461,8 +461,8 @@ class KeptState:
     ``arrays`` is the partition's last accepted set; ``continuable`` says
     whether the node keeps that set to continue from (it does for sets made
     under a global model, i.e. from the second multi-round round on, unless
-    ``federation.client_start`` is ``fresh``), which is when the set is given back. ``records`` are the ``state.*`` records of
-    its last accepted reply.
+    ``federation.client_start`` is ``fresh``), which is when the set is given
+    back. ``records`` are the ``state.*`` records of its last accepted reply.
     """
 
     arrays: dict[str, np.ndarray] | None = None
