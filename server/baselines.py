@@ -22,13 +22,13 @@ what the harness needs and Flower leaves out:
   ``configure_train`` first waits (bounded) for ``federation.min_clients``
   nodes. The strategy talks to the nodes through ``QuorumGrid``, which gives
   its ``send_and_receive`` the protocols' quorum and straggler timeout;
-- sampling: with ``federation.fraction_train`` < 1, Flower's seeded
-  ``random.sample`` draws from the node ids in partition order (each node is
-  asked once with an ``identify`` query), so a seed asks the same partitions
-  in every launch although the node ids are new each time;
+- sampling: with ``federation.fraction_train`` < 1, Flower's
+  ``random.sample``, seeded from (seed, round) just before it draws, picks
+  from the node ids in partition order (each node is asked once with an
+  ``identify`` query), so a seed asks the same partitions in every launch and
+  after a resume although the node ids are new each time;
 - checkpoints: the central evaluation that closes each round also writes the
-  checkpoint (global arrays, history, RNG states: Flower samples nodes with
-  Python's ``random``), and a resumed run starts Flower's strategy again from
+  checkpoint (global arrays, history, RNG states), and a resumed run starts Flower's strategy again from
   the checkpointed arrays with its rounds shifted (``round_offset``), so the
   round numbers the nodes see, and the seeds they derive, are those of the
   uninterrupted run.
@@ -183,6 +183,7 @@ class _Harness:
         max_reply_bytes: int,
         num_partitions: int,
         round_offset: int = 0,
+        sampling_seed: int = 0,
         stop: threading.Event | None = None,
         privacy: PrivacyRecorder | None = None,
         **strategy: Any,
@@ -193,7 +194,8 @@ class _Harness:
 
         ``round_offset`` is the number of rounds a resumed run already has:
         Flower's loop counts from 1 again, the nodes and the records see the
-        run's own round numbers.
+        run's own round numbers. ``sampling_seed`` and the round seed Flower's
+        node sampling (see ``configure_train``).
         """
         super().__init__(**strategy)
         self.privacy = privacy
@@ -203,6 +205,7 @@ class _Harness:
         self.max_reply_bytes = max_reply_bytes
         self.num_partitions = num_partitions
         self.round_offset = round_offset
+        self.sampling_seed = sampling_seed
         self.stop = stop
         self.ledger = RoundLedger()
 
@@ -212,7 +215,13 @@ class _Harness:
         self.ledger = RoundLedger(started=time.perf_counter())
         # Flower's sampling would wait forever for min_available_nodes; wait here with a deadline.
         wait_for_nodes(grid, self.min_clients, self.policy.round_timeout_s, stop=self.stop)
-        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))  # type: ignore[misc]
+        run_round = server_round + self.round_offset
+        # Flower samples with the global `random`, which its heartbeat, retry and pull jitter also
+        # draw from, a timing-dependent number of times: seed it from (seed, round) just before the
+        # draw, after identifying new nodes (that exchange polls too), so every launch asks the same.
+        grid.get_node_ids()
+        with _python_random(self.sampling_seed * 1_000_003 + run_round):
+            messages = list(super().configure_train(run_round, arrays, config, grid))  # type: ignore[misc]
         self.ledger.asked = [str(message.metadata.dst_node_id) for message in messages]
         self.ledger.download_bytes = arrays.count_bytes() * len(messages)
         self.ledger.messages = messages
@@ -491,6 +500,7 @@ def run_baseline(
         "max_reply_bytes": int(federation.max_reply_mb * 2**20),
         "num_partitions": config.partition.num_clients,
         "round_offset": completed,
+        "sampling_seed": config.seed,
         "stop": control.stop,
         "fraction_train": federation.fraction_train,
         "fraction_evaluate": 0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,24 @@ def test_sampled_rounds_ask_the_same_partitions_whatever_the_node_ids(tmp_path: 
     reference_model = load_file(str(reference_dir / "global_model.safetensors"))
     model = load_file(str(run_dir / "global_model.safetensors"))
     assert all(torch.equal(model[key], reference_model[key]) for key in reference_model)
+
+
+def test_sampled_rounds_ask_the_same_partitions_whatever_else_draws_from_random(tmp_path: Path) -> None:
+    """Flower's heartbeat and retry jitter draw from the global `random` a timing-dependent number of times."""
+    def five_rounds(out: Path) -> ExperimentConfig:
+        values = small_config(out, rounds=5, fraction_train=0.5).model_dump(mode="json", exclude_none=True)
+        return parse_config({**values, "partition": {**values["partition"], "num_clients": 4}})
+
+    config = five_rounds(tmp_path / "quiet")
+    reference = read_metrics(run_baseline(LocalGrid(config, 4), config))
+    config = five_rounds(tmp_path / "jitter")
+    grid = LocalGrid(config, 4)
+    draws = iter(range(1, 100))
+    grid.before_push = lambda messages: [random.random() for _ in range(next(draws))]
+    metrics = read_metrics(run_baseline(grid, config))
+    asked = [record["partitions"] for record in metrics["rounds"]]
+    assert asked == [record["partitions"] for record in reference["rounds"]]
+    assert len({tuple(partitions) for partitions in asked}) > 1  # the rounds do sample different nodes
 
 
 def test_by_partition_puts_unidentified_nodes_last_by_id() -> None:
