@@ -22,6 +22,8 @@ run --protocol multi-round --alpha 0.5 --rounds 5 --iterations 300 --eval-epochs
     --tag it300
 run --protocol multi-round --alpha 0.5 "${MULTI[@]}" --aggregate-window 5 --client-start fresh \
     --record fed-fmnist-dir0.5-multiround-dm-ipc10-acc=accuracy
+run --protocol multi-round --alpha 0.5 "${MULTI[@]}" --aggregate-window 5 --client-start fresh --seed 1 --tag seed1 \
+    --output runs/bench-seed1
 run --protocol fedprox --alpha 0.5 --rounds 10
 for clients in 10 50 100; do
   record=()
