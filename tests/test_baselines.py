@@ -137,16 +137,18 @@ def test_fedavg_two_rounds_end_to_end(tmp_path: Path) -> None:
     assert any(not np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)
 
 
+def four_clients_half_sampled(out: Path, rounds: int) -> ExperimentConfig:
+    """FedAvg over 4 clients, 2 of them asked per round: the sampling tests' setting."""
+    values = small_config(out, rounds=rounds, fraction_train=0.5).model_dump(mode="json", exclude_none=True)
+    return parse_config({**values, "partition": {**values["partition"], "num_clients": 4}})
+
+
 @pytest.mark.parametrize("partitions", [[0, 1, 2, 3], [2, 0, 3, 1], [3, 2, 1, 0]])
 def test_sampled_rounds_ask_the_same_partitions_whatever_the_node_ids(tmp_path: Path, partitions: list[int]) -> None:
     """A seed decides which partitions a sampled round asks; node ids (new every launch) do not."""
-    def four_clients(out: Path) -> ExperimentConfig:
-        values = small_config(out, rounds=3, fraction_train=0.5).model_dump(mode="json", exclude_none=True)
-        return parse_config({**values, "partition": {**values["partition"], "num_clients": 4}})
-
-    config = four_clients(tmp_path / "ordered")
+    config = four_clients_half_sampled(tmp_path / "ordered", rounds=3)
     reference = read_metrics(run_baseline(LocalGrid(config, 4), config))
-    config = four_clients(tmp_path / "shuffled")
+    config = four_clients_half_sampled(tmp_path / "shuffled", rounds=3)
     run_dir = run_baseline(LocalGrid(config, 4, first_node=301, partitions=partitions), config)
     metrics = read_metrics(run_dir)
     asked = [record["partitions"] for record in metrics["rounds"]]
@@ -161,13 +163,9 @@ def test_sampled_rounds_ask_the_same_partitions_whatever_the_node_ids(tmp_path: 
 
 def test_sampled_rounds_ask_the_same_partitions_whatever_else_draws_from_random(tmp_path: Path) -> None:
     """Flower's heartbeat and retry jitter draw from the global `random` a timing-dependent number of times."""
-    def five_rounds(out: Path) -> ExperimentConfig:
-        values = small_config(out, rounds=5, fraction_train=0.5).model_dump(mode="json", exclude_none=True)
-        return parse_config({**values, "partition": {**values["partition"], "num_clients": 4}})
-
-    config = five_rounds(tmp_path / "quiet")
+    config = four_clients_half_sampled(tmp_path / "quiet", rounds=5)
     reference = read_metrics(run_baseline(LocalGrid(config, 4), config))
-    config = five_rounds(tmp_path / "jitter")
+    config = four_clients_half_sampled(tmp_path / "jitter", rounds=5)
     grid = LocalGrid(config, 4)
     draws = iter(range(1, 100))
     grid.before_push = lambda messages: [random.random() for _ in range(next(draws))]
