@@ -28,8 +28,9 @@ what the harness needs and Flower leaves out:
   ``identify`` query), so a seed asks the same partitions in every launch and
   after a resume although the node ids are new each time;
 - checkpoints: the central evaluation that closes each round also writes the
-  checkpoint (global arrays, history, RNG states), and a resumed run starts Flower's strategy again from
-  the checkpointed arrays with its rounds shifted (``round_offset``), so the
+  checkpoint (global arrays, history, RNG states), and a resumed run starts
+  Flower's strategy again from the checkpointed arrays with its rounds
+  shifted (``round_offset``), so the
   round numbers the nodes see, and the seeds they derive, are those of the
   uninterrupted run.
 """
