@@ -165,7 +165,7 @@ def _private_round(
     plan = plan_privacy(cfg)
     ledger = new_ledger(plan)
     generator = secret_generator(cfg.privacy, cfg.seed)
-    return ledger, open_round(plan, ledger, labels, num_classes, 1, generator, cfg.privacy.min_class_count)
+    return ledger, open_round(plan, ledger, labels, num_classes, 1, generator)
 
 
 def _summary(metrics: dict[str, Any], result: EvalResult, run_dir: Path) -> Table:

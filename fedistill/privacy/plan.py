@@ -39,6 +39,7 @@ class PrivacyPlan:
     sample_rate: float
     clip_norm: float
     count_noise_multiplier: float
+    presence_sigmas: float
     noise_multiplier: float
     steps_per_round: int
     rounds: int
@@ -113,6 +114,7 @@ def _plan(privacy_json: str, mechanism: str, steps: int, rounds: int) -> Privacy
         sample_rate=privacy.sample_rate,
         clip_norm=privacy.clip_norm,
         count_noise_multiplier=privacy.count_noise_multiplier,
+        presence_sigmas=privacy.presence_sigmas,
         noise_multiplier=float(sigma),
         steps_per_round=steps,
         rounds=rounds,
