@@ -429,6 +429,18 @@ def audit_membership(run: AuditRun) -> dict[str, Any]:
             "notes": notes, "plot": str(plot.relative_to(run.run_dir))}
 
 
+def membership_points(membership: dict[str, Any]) -> list[tuple[str, float, float, int, int]]:
+    """Every reported (FPR, TPR) point of the attacks on the released set, with its member counts, for the DP check."""
+    points = []
+    for report in membership["reports"]:
+        if report["target"].startswith("random-real"):
+            continue
+        for key, value in report["tpr_at_fpr"].items():
+            points.append((f"{report['target']} {report['attack']} @ FPR {key}", value["fpr"], value["tpr"],
+                           report["members"], report["non_members"]))
+    return points
+
+
 def audit_dp(run: AuditRun, membership: dict[str, Any] | None) -> dict[str, Any]:
     """The (eps, delta) bound at every reported point of the attacks on the released set; loud when violated."""
     ledger = read_privacy(run.run_dir)
@@ -437,14 +449,7 @@ def audit_dp(run: AuditRun, membership: dict[str, Any] | None) -> dict[str, Any]
     eps, delta, source = ledger
     if membership is None:
         return {"status": "membership audit disabled; nothing to check", "eps": eps, "delta": delta}
-    points = []
-    for report in membership["reports"]:
-        if report["target"].startswith("random-real"):
-            continue
-        for key, value in report["tpr_at_fpr"].items():
-            points.append((f"{report['target']} {report['attack']} @ FPR {key}", value["fpr"], value["tpr"],
-                           report["members"], report["non_members"]))
-    check = dp_bound_check(eps, delta, points)
+    check = dp_bound_check(eps, delta, membership_points(membership))
     result = {"status": "checked", "ledger": source, **check.to_dict()}
     for point in check.points:
         if point.proven_epsilon > eps:
@@ -526,4 +531,4 @@ def audit_table(audit: dict[str, Any]) -> Table:
     return table
 
 
-__all__ = ["REPORTED_FPRS", "AuditError", "AuditRun", "audit_table", "open_run", "run_audit"]
+__all__ = ["REPORTED_FPRS", "AuditError", "AuditRun", "audit_table", "membership_points", "open_run", "run_audit"]
