@@ -3,7 +3,10 @@
 This is the non-federated baseline every federated result is compared with,
 and the smallest end-to-end run of the library (``fedistill distill``). A run
 directory receives the resolved config, the set (``synthetic.safetensors``),
-class grids, the distillation loss curve and ``metrics.json``.
+class grids, the distillation loss curve and ``metrics.json``. With
+``eval.references`` (the default) the set's start alone and a random real
+subset of its size are evaluated with the same protocol and seed, and the
+gain in points over each is printed and recorded.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from fedistill.privacy import (
     plan_privacy,
     secret_generator,
 )
+from fedistill.references import Gains, random_real_like, start_alone
 from fedistill.report import plot_curve, save_class_grids
 from fedistill.runs import create_run_dir, save_config, write_json
+from fedistill.synthetic import SyntheticSet
 from fedistill.training import EvalResult, TrainSettings, evaluate_set
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -107,23 +112,35 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     if finite:
         xs, ys = zip(*finite, strict=True)
         plot_curve(xs, ys, "iteration", "distillation loss", run_dir / "distill_loss.png", f"{cfg.distill.method} loss")
+    references: dict[str, SyntheticSet | None] = {}
+    if cfg.eval.references:
+        references["start"] = start_alone(type(distiller), cfg.model.spec(), distill_settings, device, images, labels,
+                                          info.num_classes, seed=cfg.seed, **private)
+        references["random_real"] = random_real_like(syn, images, labels,
+                                                      torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
     del images, labels  # the evaluation never sees the training split; free its device memory
 
     settings = TrainSettings.from_config(cfg.eval, cfg.data.name)
     eval_seed = cfg.seed + EVAL_SEED_OFFSET
+    to_evaluate = {"set": syn, **{name: ref for name, ref in references.items() if ref is not None}}
+    results: dict[str, EvalResult] = {}
     with _progress_bar(console, with_loss=False) as bar:
-        task = bar.add_task(f"evaluate ({settings.epochs} epochs per net)", total=cfg.eval.num_nets)
-        result = evaluate_set(
-            syn,
-            test.normalized(device),
-            torch.from_numpy(test.labels),
-            cfg.model.spec(),
-            settings,
-            device,
-            seed=eval_seed,
-            num_nets=cfg.eval.num_nets,
-            progress=lambda done, _total: bar.update(task, completed=done),
-        )
+        for name, candidate in to_evaluate.items():
+            task = bar.add_task(f"evaluate {name.replace('_', ' ')} ({settings.epochs} epochs per net)",
+                                total=cfg.eval.num_nets)
+            results[name] = evaluate_set(
+                candidate,
+                test.normalized(device),
+                torch.from_numpy(test.labels),
+                cfg.model.spec(),
+                settings,
+                device,
+                seed=eval_seed,
+                num_nets=cfg.eval.num_nets,
+                progress=lambda done, _total, task=task: bar.update(task, completed=done),
+            )
+    result = results["set"]
+    gains = Gains.of(result, results.get("start"), results.get("random_real")) if references else None
 
     metrics: dict[str, Any] = {
         "method": cfg.distill.method,
@@ -138,6 +155,8 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
         "eval_seed": eval_seed,
         "eval_dsa_strategy": settings.dsa_strategy,
         "eval": result.to_dict(),
+        "references": {name: results[name].to_dict() if name in results else None for name in references},
+        "gains": None if gains is None else gains.to_dict(),
         "device": str(device),
         "torch": torch.__version__,
         "peak_rss_bytes": _peak_rss_bytes(),
@@ -150,7 +169,9 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
                               "adjacency": ADJACENCY, "ledger": ledger.to_dict()}
         write_json(run_dir / "privacy.json", metrics["privacy"])
     write_json(run_dir / "metrics.json", metrics)
-    console.print(_summary(metrics, result, run_dir))
+    console.print(_summary(metrics, results, run_dir, private=privacy is not None))
+    if gains is not None:
+        console.print(gains.describe(), markup=False, highlight=False)
     if ledger is not None:
         console.print(f"privacy: {ledger.epsilon().describe()} (upper bound)", markup=False, highlight=False)
     return run_dir
@@ -170,7 +191,11 @@ def _private_round(
     return ledger, open_round(plan, ledger, labels, num_classes, 1, generator)
 
 
-def _summary(metrics: dict[str, Any], result: EvalResult, run_dir: Path) -> Table:
+def _accuracy(result: EvalResult) -> str:
+    return f"{100 * result.mean:.2f} ± {100 * result.std:.2f} % over {result.num_nets} nets ({result.epochs} epochs)"
+
+
+def _summary(metrics: dict[str, Any], results: dict[str, EvalResult], run_dir: Path, private: bool) -> Table:
     """A short table of what a reader checks first: size of the set, cost, and accuracy."""
     table = Table(title="central distillation", show_header=False)
     table.add_column("what", style="bold")
@@ -178,9 +203,11 @@ def _summary(metrics: dict[str, Any], result: EvalResult, run_dir: Path) -> Tabl
     table.add_row("dataset / method", f"{metrics['dataset']} / {metrics['method']}")
     table.add_row("set", f"{metrics['images']} images (ipc {metrics['ipc']}), {metrics['bytes']:,} bytes")
     table.add_row("distill time", f"{metrics['distill_seconds']:.1f} s on {metrics['device']}")
-    table.add_row(
-        "test accuracy",
-        f"{100 * result.mean:.2f} ± {100 * result.std:.2f} % over {result.num_nets} nets ({result.epochs} epochs)",
-    )
+    table.add_row("test accuracy", _accuracy(results["set"]))
+    if "start" in results:
+        table.add_row("its start alone", _accuracy(results["start"]))
+    if "random_real" in results:
+        note = " (reads private images: not covered by epsilon)" if private else ""
+        table.add_row("random real, same size", _accuracy(results["random_real"]) + note)
     table.add_row("run directory", str(run_dir))
     return table

@@ -141,6 +141,7 @@ class EvalConfig(_Section):
     weight_decay: float = Field(default=5e-4, ge=0)
     batch_size: int = Field(default=256, ge=1)
     num_nets: int = Field(default=5, ge=1)
+    references: bool = Field(default=True, description="also evaluate the start alone and a random real subset")
     dsa: bool = False
     dsa_strategy: str | None = None
 

@@ -42,6 +42,11 @@ def test_distill_smoke_config_end_to_end(tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["method"], metrics["ipc"], metrics["dataset"], metrics["images"]) == ("dm", 2, "digits", 20)
     assert len(metrics["eval"]["accuracies"]) == 1 and 0.0 <= metrics["eval"]["mean"] <= 1.0
+    gains = metrics["gains"]
+    assert set(metrics["references"]) == {"start", "random_real"}
+    assert gains["accuracy"] == metrics["eval"]["mean"] and gains["start"] == metrics["references"]["start"]["mean"]
+    assert gains["gain_over_start_points"] == pytest.approx(100 * (gains["accuracy"] - gains["start"]))
+    assert "gain in points:" in result.output and "over its start" in result.output
     assert metrics["bytes"] == syn.nbytes()
     saved = load_config(run_dir / "config.toml")
     assert saved.output_dir == tmp_path and saved.device == "cpu" and saved.distill.ipc == 2
