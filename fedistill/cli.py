@@ -146,7 +146,10 @@ def run(
 
     The protocol (one-shot, multi-round, fedavg, fedprox) comes from
     federation.protocol; partition.num_clients simulated nodes take part.
-    With --against, each named baseline runs next, for as many rounds as fit
+    With eval.references (the default) a distillation run is followed by its
+    references, the same run at zero iterations and with random real images,
+    and the gain in points is printed and saved as references.json. With
+    --against, each named baseline runs next, for as many rounds as fit
     in the first run's upload bytes, and a comparison table is printed and
     saved as comparison.json in the first run's directory.
 
@@ -164,7 +167,16 @@ def run(
         from fedistill.privacy import plan_privacy
         from fedistill.runs import write_json
         from fedistill.simulation import SimulationInterrupted, simulate_run
-        from server.compare import BASELINES, baseline_config, comparison_rows, comparison_table, read_metrics
+        from server.compare import (
+            BASELINES,
+            baseline_config,
+            comparison_rows,
+            comparison_table,
+            read_metrics,
+            reference_configs,
+            reference_rows,
+            reference_table,
+        )
         from server.federation import NotEnoughClients
 
         overrides = parse_sets(set_ or [])
@@ -204,6 +216,14 @@ def run(
         except NotEnoughClients as error:
             err_console.print(f"error: {error}", style="red", markup=False, highlight=False)
             raise typer.Exit(1) from None
+        if cfg.eval.references:
+            references = {name: simulate_run(reference, console)
+                          for name, reference in reference_configs(cfg).items()}
+            if references:
+                summary = reference_rows(run_dirs[0], references, private=cfg.privacy.enabled)
+                console.print(reference_table(summary))
+                console.print(summary["describe"], markup=False, highlight=False)
+                write_json(run_dirs[0] / "references.json", summary)
         upload = read_metrics(run_dirs[0])["upload_bytes"]
         for name in against or []:
             run_dirs.append(simulate_run(baseline_config(cfg, name, upload), console))

@@ -141,7 +141,9 @@ class EvalConfig(_Section):
     weight_decay: float = Field(default=5e-4, ge=0)
     batch_size: int = Field(default=256, ge=1)
     num_nets: int = Field(default=5, ge=1)
-    references: bool = Field(default=True, description="also evaluate the start alone and a random real subset")
+    references: bool = Field(
+        default=True, description="also evaluate the set's start alone and random real images of its size"
+    )
     dsa: bool = False
     dsa_strategy: str | None = None
 

@@ -1,10 +1,17 @@
-"""Like-for-like comparison of a distillation run with a weight-averaging baseline.
+"""Like-for-like comparisons of a distillation run: with a weight-averaging baseline, and with its references.
 
 A baseline runs on the same partitions, model and test split as the run it is
 compared with, for as many rounds as fit in the same upload budget: a FedAvg
 round uploads one model per sampled client, a distillation run uploads the
 clients' sets. At least one round always runs, so when a single FedAvg round
 already costs more than the whole distillation run, the table says so.
+
+The references (``reference_configs``) are the same run at zero iterations
+(every client's set is its start alone) and the same run with the ``random``
+coreset (each client sends random real images, as many per class as a set
+holds), both trained and evaluated by the server exactly as the run was. A
+private run's random-real reference is not private: it says what the
+privacy costs, and is labelled so.
 """
 
 from __future__ import annotations
@@ -19,9 +26,14 @@ from rich.table import Table
 from fedistill.attack_config import SET_DEFENSES
 from fedistill.config import ExperimentConfig, parse_config
 from fedistill.data import dataset_info
+from fedistill.distill import get_distiller
 from fedistill.models import build_model
+from fedistill.references import Gains
 
 BASELINES = ("fedavg", "fedprox")
+START_ALONE = "start alone"
+RANDOM_REAL = "random real"
+DISTILLATION_PROTOCOLS = ("one-shot", "multi-round")
 
 
 def model_bytes(config: ExperimentConfig) -> int:
@@ -90,4 +102,55 @@ def comparison_table(rows: list[dict[str, Any]]) -> Table:
             f"{100 * row['accuracy']:.2f}",
             f"{row['seconds']:.0f}",
         )
+    return table
+
+
+def reference_configs(config: ExperimentConfig) -> dict[str, ExperimentConfig]:
+    """The reference runs of a distillation run: its start alone (zero iterations) and random real images.
+
+    None for the weight-averaging protocols, no start for methods that select
+    real images. The references are not audited.
+    """
+    if config.federation.protocol not in DISTILLATION_PROTOCOLS:
+        return {}
+    values = config.model_dump(mode="json")
+    values["attack"]["audit"] = False
+    references = {}
+    if get_distiller(config.distill.method).refines:
+        start = json.loads(json.dumps(values))
+        start["distill"]["iterations"] = 0
+        references[START_ALONE] = parse_config(start)
+    real = json.loads(json.dumps(values))
+    real["distill"].update(method="random", init="real")
+    real["privacy"]["enabled"] = False
+    if real["federation"]["aggregation"] == "redistill":
+        real["federation"]["aggregation"] = "union"  # re-distilling random real images would be another method
+    references[RANDOM_REAL] = parse_config(real)
+    return references
+
+
+def final_accuracy(run_dir: Path) -> float:
+    return float(read_metrics(run_dir)["rounds"][-1]["accuracy"])
+
+
+def reference_rows(run_dir: Path, references: dict[str, Path], private: bool) -> dict[str, Any]:
+    """The run's final accuracy beside its references' and the gain in points (``references.json``)."""
+    accuracy = final_accuracy(run_dir)
+    start = references.get(START_ALONE)
+    real = references.get(RANDOM_REAL)
+    gains = Gains(accuracy, None if start is None else final_accuracy(start), None if real is None else final_accuracy(real))
+    rows = [{"run": "distilled", "accuracy": accuracy, "run_dir": str(run_dir)}]
+    rows += [{"run": name, "accuracy": final_accuracy(path), "run_dir": str(path)} for name, path in references.items()]
+    note = "random real images are not private: the reference says what privacy costs" if private else ""
+    return {"rows": rows, "gains": gains.to_dict(), "describe": gains.describe(), "note": note}
+
+
+def reference_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="what distillation adds (final global test accuracy)")
+    for column in ("run", "accuracy (%)", "run directory"):
+        table.add_column(column, justify="right" if column == "accuracy (%)" else "left")
+    for row in summary["rows"]:
+        table.add_row(row["run"], f"{100 * row['accuracy']:.2f}", row["run_dir"])
+    if summary["note"]:
+        table.caption = summary["note"]
     return table

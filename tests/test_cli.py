@@ -71,6 +71,43 @@ def test_bad_settings_print_one_error_line(args: list[str], needles: tuple[str, 
     assert not any(tmp_path.iterdir())
 
 
+def test_run_stands_the_set_beside_its_start_alone_and_random_real_images(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedistill run` on 3 digits clients, then its two references; references.json.
+
+    The runs go through the real ServerApp protocol and ClientApp handlers on
+    the in-process grid of the protocol tests rather than Ray (three Ray
+    launches would take minutes on CI's two cores).
+    """
+    import fedistill.simulation
+    from server.app import run_protocol
+    from tests.fedgrid import LocalGrid, fake_task_identity
+
+    fake_task_identity(monkeypatch)
+    monkeypatch.setattr(fedistill.simulation, "simulate_run", lambda cfg, console, **_: run_protocol(
+        LocalGrid(cfg, cfg.partition.num_clients), cfg, console))
+    experiment = tmp_path / "experiment.toml"
+    experiment.write_text(
+        f'output_dir = "{tmp_path}"\ndevice = "cpu"\n[data]\nname = "digits"\n'
+        '[partition]\nnum_clients = 3\nalpha = 1.0\nmin_partition_size = 50\n[model]\nwidth = 16\ndepth = 2\n'
+        '[distill]\nipc = 2\niterations = 5\ncompile = "off"\n[eval]\nepochs = 5\nnum_nets = 1\n'
+        '[federation]\nmin_clients = 3\n'
+    )
+    result = runner.invoke(app, ["run", str(experiment)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = [path for path in tmp_path.glob("fed-*") if (path / "references.json").exists()]
+    summary = json.loads((run_dir / "references.json").read_text())
+    assert [row["run"] for row in summary["rows"]] == ["distilled", "start alone", "random real"]
+    accuracy, start, real = (row["accuracy"] for row in summary["rows"])
+    assert summary["gains"]["gain_over_start_points"] == pytest.approx(100 * (accuracy - start))
+    assert summary["gains"]["gain_over_random_real_points"] == pytest.approx(100 * (accuracy - real))
+    start_config = load_config(Path(summary["rows"][1]["run_dir"]) / "config.toml")
+    real_config = load_config(Path(summary["rows"][2]["run_dir"]) / "config.toml")
+    assert start_config.distill.iterations == 0 and start_config.distill.method == "dm"
+    assert real_config.distill.method == "random" and not real_config.attack.audit
+    assert "gain in points:" in result.output and "over its start" in result.output
+
+
 @pytest.mark.parametrize("command", ["run", "distill"])
 def test_a_privacy_target_no_noise_can_meet_is_refused_in_one_line(command: str, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
