@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedistill.cli import app, parse_value
+from launch.cli import app, parse_value
 from fedistill.config import load_config
 from fedistill.synthetic import SyntheticSet
 
@@ -109,7 +109,7 @@ def test_help_works_as_script_and_module() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "distill" in result.stdout and "data" in result.stdout
     module = subprocess.run(
-        [sys.executable, "-m", "fedistill", "distill", "--help"], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "launch", "distill", "--help"], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert module.returncode == 0, module.stderr
     assert "--set" in module.stdout and "--eval-epochs" in module.stdout

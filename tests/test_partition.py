@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedistill.cli import app
+from launch.cli import app
 from fedistill.config import ConfigError, ExperimentConfig, PartitionConfig, parse_config
 from fedistill.data import (
     PARTITION_SCHEMES,

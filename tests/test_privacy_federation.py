@@ -165,7 +165,7 @@ def test_private_multi_round_through_the_simulation_engine_keeps_ledgers_in_node
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`fedistill run`'s engine (Ray actors): each node's ledger persists in its Flower context between rounds."""
-    from fedistill.simulation import OFFLINE_ENV, simulate_run
+    from launch.simulation import OFFLINE_ENV, simulate_run
 
     for key, value in OFFLINE_ENV.items():
         monkeypatch.setenv(key, value)

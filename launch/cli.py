@@ -161,7 +161,7 @@ def run(
         from fedistill.config import OPERATIONAL_KEYS, ConfigError, load_config
         from fedistill.data import dataset_info
         from fedistill.runs import write_json
-        from fedistill.simulation import SimulationInterrupted, simulate_run
+        from launch.simulation import SimulationInterrupted, simulate_run
         from server.compare import BASELINES, baseline_config, comparison_rows, comparison_table, read_metrics
         from server.federation import NotEnoughClients
 
