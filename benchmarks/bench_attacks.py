@@ -167,7 +167,7 @@ def other_defenses(run_dir: Path, console: Console) -> dict[str, Any]:
     from attacks.backdoor import backdoor_metrics
     from attacks.defenses import DEFENSES
     from attacks.pixels import PixelModel, to_pixels
-    from server.federation import aggregate_round
+    from attacks.defenses import aggregate_round
 
     run = open_run(run_dir, console=console)
     pixels = to_pixels(run.test, run.device)

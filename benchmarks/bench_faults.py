@@ -393,7 +393,7 @@ def fuzz_collector(count: int, seed: int) -> dict[str, Any]:
     """``count`` hostile replies, one per fresh collector; counts rejections and oracle failures of accepted sets."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from server.federation import ReplyCollector
+    from server.replies import ReplyCollector
 
     outside_a_flower_run()
     rng = np.random.default_rng(seed)

@@ -37,12 +37,7 @@ from fedistill.privacy import (
 )
 from fedistill.report import plot_curve, save_class_grids
 from fedistill.runs import create_run_dir, save_config, write_json
-from fedistill.training import EvalResult, TrainSettings, evaluate_set
-
-EVAL_SEED_OFFSET = 1_000_003
-"""Evaluation networks are seeded from ``seed + EVAL_SEED_OFFSET``: a distiller that seeds its own
-networks from ``seed + i`` must not hand the evaluation the very initialisation it distilled against."""
-
+from fedistill.training import EVAL_SEED_OFFSET, EvalResult, TrainSettings, evaluate_set
 
 def _progress_bar(console: Console, with_loss: bool) -> Progress:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]

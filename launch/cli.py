@@ -163,7 +163,7 @@ def run(
         from fedistill.runs import write_json
         from launch.simulation import SimulationInterrupted, simulate_run
         from server.compare import BASELINES, baseline_config, comparison_rows, comparison_table, read_metrics
-        from server.federation import NotEnoughClients
+        from server.rounds import NotEnoughClients
 
         overrides = parse_sets(set_ or [])
         if (config is None) == (resume is None):

@@ -151,7 +151,7 @@ def simulate_run(
     from flwr.serverapp import Grid, ServerApp
 
     from server.app import run_protocol
-    from server.federation import RunControl
+    from server.rounds import RunControl
 
     run_dirs: list[Path] = []
     started: list[Path] = []

@@ -21,7 +21,7 @@ from fedistill.data import load_dataset
 from fedistill.runs import save_config
 from server.baselines import run_baseline
 from server.compare import baseline_config
-from server.federation import run_distillation
+from server.distillation import run_distillation
 from tests.fedgrid import LocalGrid, fake_task_identity
 
 runner = CliRunner()

@@ -24,7 +24,8 @@ from fedistill.messages import PROXIMAL_MU, ROUND, TASK, state_to_record
 from fedistill.models import build_model
 from fedistill.training import evaluate_model
 from server.baselines import by_partition, run_baseline
-from server.federation import NotEnoughClients, fresh_model
+from server.rounds import NotEnoughClients
+from server.state import fresh_model
 
 
 @pytest.fixture(autouse=True)

@@ -101,6 +101,6 @@ def test_federation_consistency_errors() -> None:
 
 
 def test_config_aggregations_match_server_registry() -> None:
-    from server.aggregation import available_aggregators
+    from fedistill.aggregation import available_aggregators
 
     assert set(AGGREGATIONS) == set(available_aggregators())

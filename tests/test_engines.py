@@ -120,7 +120,7 @@ def test_simulation_engine_end_to_end(tmp_path: Path, offline_env: None) -> None
 def test_simulation_raises_when_the_server_fails(tmp_path: Path, offline_env: None) -> None:
     """A ServerApp failure (here: four clients required, three simulated) surfaces as the exception itself."""
     from launch.simulation import simulate_run
-    from server.federation import NotEnoughClients
+    from server.rounds import NotEnoughClients
 
     config = tiny_config(tmp_path / "runs", min_clients=NUM_NODES + 1, round_timeout_s=1.0)
     with pytest.raises(NotEnoughClients):

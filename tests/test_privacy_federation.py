@@ -28,7 +28,8 @@ from fedistill.privacy import (
 )
 from fedistill.synthetic import SyntheticSet
 from server.baselines import run_baseline
-from server.federation import RunControl, run_distillation
+from server.distillation import run_distillation
+from server.rounds import RunControl
 from tests.fedgrid import LocalGrid, fake_task_identity
 
 TARGET = 4.0

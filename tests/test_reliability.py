@@ -32,7 +32,8 @@ from fedistill.config import ExperimentConfig, parse_config
 from fedistill.messages import RESTORE_PREFIX
 from fedistill.synthetic import SyntheticSet
 from server.baselines import run_baseline
-from server.federation import NotEnoughClients, RunControl, run_distillation
+from server.distillation import run_distillation
+from server.rounds import NotEnoughClients, RunControl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,7 @@ def test_flwr_run_resumes_through_the_resume_app_key_and_only_the_same_experimen
 
     from fedistill.config import to_run_config
     from server.app import APP_KEYS, main
-    from server.federation import check_resumable
+    from server.state import check_resumable
 
     config = small_config(tmp_path, protocol="multi-round", rounds=2)
 

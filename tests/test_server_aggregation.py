@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedistill.synthetic import SyntheticSet
-from server.aggregation import (
+from fedistill.aggregation import (
     AggregateResult,
     AggregationContext,
     ClientSet,
