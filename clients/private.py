@@ -31,10 +31,10 @@ from fedistill.privacy import (
     check_round,
     new_ledger,
     open_round,
-    plan_privacy,
     secret_generator,
 )
 from fedistill.privacy.dpsgd import dp_sgd
+from fedistill.privacy_plan import plan_privacy
 
 log = logging.getLogger("fedistill.client")
 

@@ -1,7 +1,9 @@
 """The ``[attack]`` section: which attacks a run suffers and its audit runs, and the server's defence.
 
 Kept apart from ``fedistill.config`` so that the attack suite's many knobs do
-not crowd the core sections; ``ExperimentConfig.attack`` is an ``AttackConfig``.
+not crowd the core sections, and free of imports from the library, so any
+floor may read it; ``ExperimentConfig.attack`` is an ``AttackConfig``, and
+the checks across sections (``check_attack``) live with ``ExperimentConfig``.
 The names allowed here are the registries of ``attacks/`` (a test keeps the
 two in step). Lists default to ``None`` ("the defaults"): Flower's run config
 holds only scalars, so a list key cannot be listed in ``pyproject.toml``; in a
@@ -11,12 +13,9 @@ TOML file or ``--set`` a list is written as a list, and under ``flwr run
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-if TYPE_CHECKING:
-    from fedistill.config import ExperimentConfig
 
 EVASION_ATTACKS = ("fgsm", "pgd", "cw", "autoattack")
 TRIGGERS = ("patch", "blended")
@@ -171,56 +170,3 @@ class AttackConfig(_Section):
     backdoor: BackdoorConfig = BackdoorConfig()
     membership: MembershipConfig = MembershipConfig()
     defense: DefenseConfig = DefenseConfig()
-
-
-REFINING_METHODS = ("dm", "dc", "dsa")
-"""Distillers that optimise images, so DOORPING can update its trigger while they run."""
-
-
-def check_attack(config: ExperimentConfig) -> None:
-    """Cross-section checks of ``config.attack``; raises ValueError naming the key."""
-    attack, protocol = config.attack, config.federation.protocol
-    baseline = protocol in ("fedavg", "fedprox")
-    method = attack.defense.method
-    if baseline and method not in MODEL_DEFENSES:
-        raise ValueError(
-            f"attack.defense.method: {method!r} filters synthetic sets; for protocol {protocol!r} allowed: "
-            + ", ".join(MODEL_DEFENSES)
-        )
-    if not baseline and method not in SET_DEFENSES:
-        raise ValueError(
-            f"attack.defense.method: {method!r} aggregates models; for protocol {protocol!r} allowed: "
-            + ", ".join(SET_DEFENSES)
-        )
-    if protocol == "fedprox" and method != "none":
-        raise ValueError(
-            f"attack.defense.method: {method!r} replaces FedAvg; use it with federation.protocol = 'fedavg'"
-        )
-    backdoor = attack.backdoor
-    if backdoor.method != "none" and not backdoor.malicious_clients:
-        raise ValueError(
-            f"attack.backdoor.malicious_clients: needs at least one partition id for method {backdoor.method!r}"
-        )
-    outside = [pid for pid in backdoor.malicious() if pid >= config.partition.num_clients]
-    if outside:
-        raise ValueError(
-            f"attack.backdoor.malicious_clients: {outside} outside the partition ids "
-            f"0..{config.partition.num_clients - 1}"
-        )
-    if backdoor.method == "doorping" and not baseline and config.distill.method not in REFINING_METHODS:
-        raise ValueError(
-            f"attack.backdoor.method: doorping optimises its trigger while images are distilled; distill.method "
-            f"{config.distill.method!r} selects real images (allowed with doorping: {', '.join(REFINING_METHODS)})"
-        )
-    if config.data.name != "npz":
-        from fedistill.data import dataset_info
-
-        info = dataset_info(config.data.name)
-        if backdoor.target >= info.num_classes:
-            raise ValueError(
-                f"attack.backdoor.target: {backdoor.target} is not a class of {info.name} (0..{info.num_classes - 1})"
-            )
-        if backdoor.trigger == "patch" and backdoor.patch_size > min(info.height, info.width):
-            raise ValueError(
-                f"attack.backdoor.patch_size: {backdoor.patch_size} exceeds the {info.height}x{info.width} images"
-            )

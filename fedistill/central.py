@@ -26,15 +26,8 @@ from fedistill.data import load_dataset
 from fedistill.device import pick_device
 from fedistill.distill import get_distiller
 from fedistill.distill.private import public_start
-from fedistill.privacy import (
-    ADJACENCY,
-    PrivacyLedger,
-    PrivateData,
-    new_ledger,
-    open_round,
-    plan_privacy,
-    secret_generator,
-)
+from fedistill.privacy import ADJACENCY, PrivacyLedger, PrivateData, new_ledger, open_round, secret_generator
+from fedistill.privacy_plan import plan_privacy
 from fedistill.report import plot_curve, save_class_grids
 from fedistill.runs import create_run_dir, save_config, write_json
 from fedistill.training import EVAL_SEED_OFFSET, EvalResult, TrainSettings, evaluate_set

@@ -24,8 +24,8 @@ from fedistill.privacy import (
     calibrate_noise_multiplier,
     charge_unrecorded_rounds,
     compute_epsilon,
-    plan_privacy,
 )
+from fedistill.privacy_plan import plan_privacy
 from fedistill.synthetic import SyntheticSet
 from server.baselines import run_baseline
 from server.distillation import run_distillation
