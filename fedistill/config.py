@@ -20,8 +20,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedistill.attack_config import MODEL_DEFENSES, SET_DEFENSES, AttackConfig
 from fedistill.aggregation import available_aggregators
+from fedistill.attack_config import MODEL_DEFENSES, SET_DEFENSES, AttackConfig
 from fedistill.augment import default_strategy, parse_strategy
 from fedistill.data import ImageData, dataset_info
 from fedistill.distill import DistillSettings, available_methods, get_distiller

@@ -39,7 +39,6 @@ from fedistill.checkpoint import Checkpoint, save_checkpoint
 from fedistill.config import ExperimentConfig, experiment_fingerprint
 from fedistill.data import load_dataset
 from fedistill.device import pick_device
-from fedistill.messages import experiment_record, record_to_state, state_to_record
 from fedistill.runs import create_run_dir, save_config
 from fedistill.training import evaluate_model
 from server.harness import (
@@ -65,6 +64,7 @@ from server.rounds import (
     wait_for_nodes,
 )
 from server.state import discard_unfinished_rounds, fresh_model, load_resumable, resume_hint
+from wire.messages import experiment_record, record_to_state, state_to_record
 
 log = logging.getLogger("fedistill.server")
 

@@ -36,7 +36,6 @@ from fedistill.checkpoint import save_checkpoint
 from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData, load_dataset
 from fedistill.device import pick_device
-from fedistill.messages import state_to_record
 from fedistill.report import save_class_grids
 from fedistill.runs import create_run_dir, save_config
 from fedistill.training import EVAL_SEED_OFFSET, TrainSettings, evaluate_model, evaluate_set, train_model
@@ -56,6 +55,7 @@ from server.rounds import (
     wait_for_nodes,
 )
 from server.state import KeptState, ServerState, discard_unfinished_rounds, fresh_model, resume_hint, resumed_state
+from wire.messages import state_to_record
 
 log = logging.getLogger("fedistill.server")
 

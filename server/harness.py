@@ -47,10 +47,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from fedistill.config import ExperimentConfig
-from fedistill.messages import PARTITION_ID
 from server.privacy import PrivacyRecorder, read_privacy, refusal_reason
 from server.rounds import UNAVAILABLE, BudgetExhausted, NotEnoughClients, WaitPolicy, partition_label, wait_for_nodes
 from server.validation import InvalidReply, array_to_numpy, check_client_metrics, client_error
+from wire.messages import PARTITION_ID
 
 log = logging.getLogger("fedistill.server")
 

@@ -20,7 +20,6 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from fedistill.aggregation import ClientSet
 from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData
-from fedistill.messages import PARTITION_ID, RESTORE_PREFIX, STATE_PREFIX, experiment_record
 from fedistill.privacy import PrivacyPlan
 from fedistill.synthetic import SyntheticSet
 from server.privacy import ClientPrivacy, read_privacy, refusal_reason
@@ -38,6 +37,7 @@ from server.validation import (
     client_error,
     validate_set_arrays,
 )
+from wire.messages import PARTITION_ID, RESTORE_PREFIX, STATE_PREFIX, experiment_record
 
 log = logging.getLogger("fedistill.server")
 

@@ -26,8 +26,8 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedistill.config import ExperimentConfig
-from fedistill.messages import NUM_PARTITIONS, PARTITION_ID, identify_record
 from server.validation import InvalidReply, check_client_metrics
+from wire.messages import NUM_PARTITIONS, PARTITION_ID, identify_record
 
 log = logging.getLogger("fedistill.server")
 

@@ -26,10 +26,10 @@ from fedistill.aggregation import AggregateResult
 from fedistill.checkpoint import Checkpoint, CheckpointError, load_checkpoint, restore_rng
 from fedistill.config import ExperimentConfig, experiment_fingerprint
 from fedistill.data import ImageData
-from fedistill.messages import PREVIOUS_SET
 from fedistill.models import build_model
 from fedistill.synthetic import SyntheticSet
 from server.history import RunHistory
+from wire.messages import PREVIOUS_SET
 
 EARLIER_WEIGHTS = "weights"
 """Key of a kept earlier aggregate's per-image training weights in the checkpoint."""

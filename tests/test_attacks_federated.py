@@ -12,13 +12,13 @@ from flwr.app import Message
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import clients.app
 from attacks.backdoor import trigger_path
+import clients.app
 from clients.app import load_partition
-from launch.cli import app
 from fedistill.config import ConfigError, ExperimentConfig, from_run_config, load_config, parse_config, to_run_config
 from fedistill.data import load_dataset
 from fedistill.runs import save_config
+from launch.cli import app
 from server.baselines import run_baseline
 from server.compare import baseline_config
 from server.distillation import run_distillation

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from launch.cli import app, parse_value
 from fedistill.config import load_config
 from fedistill.synthetic import SyntheticSet
+from launch.cli import app, parse_value
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke-digits.toml"

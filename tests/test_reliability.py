@@ -29,11 +29,11 @@ import clients.app
 from fedistill.atomic import atomic_path, save_figure, save_tensors, write_bytes
 from fedistill.checkpoint import CheckpointError, load_checkpoint
 from fedistill.config import ExperimentConfig, parse_config
-from fedistill.messages import RESTORE_PREFIX
 from fedistill.synthetic import SyntheticSet
 from server.baselines import run_baseline
 from server.distillation import run_distillation
 from server.rounds import NotEnoughClients, RunControl
+from wire.messages import RESTORE_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 

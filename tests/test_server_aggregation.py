@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedistill.synthetic import SyntheticSet
 from fedistill.aggregation import (
     AggregateResult,
     AggregationContext,
@@ -19,6 +18,7 @@ from fedistill.aggregation import (
     register_aggregator,
     soft_label,
 )
+from fedistill.synthetic import SyntheticSet
 from server.validation import InvalidReply
 
 NUM_CLASSES = 3

@@ -13,6 +13,7 @@ from fedistill.privacy.accounting import (
     calibrate_noise_multiplier,
     compute_epsilon,
 )
+from fedistill.privacy.config import PrivacyConfig
 from fedistill.privacy.ledger import Access, PrivacyLedger
 from fedistill.privacy.mechanisms import (
     CLASS_COUNTS,
@@ -23,7 +24,6 @@ from fedistill.privacy.mechanisms import (
     poisson_sample,
     release_class_counts,
 )
-from fedistill.privacy.config import PrivacyConfig
 from fedistill.privacy.plan import DP_SGD, PrivacyPlan
 from fedistill.privacy.session import (
     PrivateData,
