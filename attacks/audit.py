@@ -429,6 +429,18 @@ def audit_membership(run: AuditRun) -> dict[str, Any]:
             "notes": notes, "plot": str(plot.relative_to(run.run_dir))}
 
 
+def membership_points(membership: dict[str, Any]) -> list[tuple[str, float, float, int, int]]:
+    """Every reported (FPR, TPR) point of the attacks on the released set, with its member counts, for the DP check."""
+    points = []
+    for report in membership["reports"]:
+        if report["target"].startswith("random-real"):
+            continue
+        for key, value in report["tpr_at_fpr"].items():
+            points.append((f"{report['target']} {report['attack']} @ FPR {key}", value["fpr"], value["tpr"],
+                           report["members"], report["non_members"]))
+    return points
+
+
 def audit_dp(run: AuditRun, membership: dict[str, Any] | None) -> dict[str, Any]:
     """The (eps, delta) bound at every reported point of the attacks on the released set; loud when violated."""
     ledger = read_privacy(run.run_dir)
@@ -437,20 +449,14 @@ def audit_dp(run: AuditRun, membership: dict[str, Any] | None) -> dict[str, Any]
     eps, delta, source = ledger
     if membership is None:
         return {"status": "membership audit disabled; nothing to check", "eps": eps, "delta": delta}
-    points = []
-    for report in membership["reports"]:
-        if report["target"].startswith("random-real"):
-            continue
-        for key, value in report["tpr_at_fpr"].items():
-            low = value["ci"][0] if value["ci"] else None
-            points.append((f"{report['target']} {report['attack']} @ FPR {key}", value["fpr"], value["tpr"], low))
-    check = dp_bound_check(eps, delta, points)
+    check = dp_bound_check(eps, delta, membership_points(membership))
     result = {"status": "checked", "ledger": source, **check.to_dict()}
-    if check.violated:
-        for point in check.points:
-            if point.violated:
-                log.error("DP BOUND VIOLATED: %s: TPR %.4f > e^eps * FPR + delta = %.4f (eps %.3g, delta %.3g)",
-                          point.source, point.tpr, point.bound, eps, delta)
+    for point in check.points:
+        if point.proven_epsilon > eps:
+            log.error("DP BOUND VIOLATED: %s: TPR %.4f at FPR %.4f (%d members, %d non-members) proves epsilon >= "
+                      "%.3g at %.0f%% confidence, above the claimed %.3g (delta %.3g)", point.source, point.tpr,
+                      point.fpr, point.members, point.non_members, point.proven_epsilon, 100 * check.confidence,
+                      eps, delta)
     return result
 
 
@@ -490,7 +496,8 @@ def run_audit(run_dir: Path, overrides: dict[str, Any] | None = None, console: C
     write_json(run.run_dir / "audit.json", audit)
     console.print(audit_table(audit))
     if audit["dp_check"].get("violated"):
-        console.print("DP BOUND VIOLATED: an attack beat e^eps * FPR + delta; see dp_check in audit.json",
+        console.print("DP BOUND VIOLATED: an attack proves a larger epsilon than the ledger's; see dp_check in "
+                      "audit.json",
                       style="bold red", markup=False)
     return audit
 
@@ -514,10 +521,14 @@ def audit_table(audit: dict[str, Any]) -> Table:
         table.add_row("membership", f"{report['target']} {report['attack']}",
                       f"AUC {report['auc']:.3f}, TPR@1%FPR {100 * one['tpr']:.2f}%")
     dp = audit["dp_check"]
-    table.add_row("dp bound", "TPR <= e^eps FPR + delta",
-                  dp["status"] if "violated" not in dp else ("VIOLATED" if dp["violated"] else
-                                                              f"holds at eps {dp['eps']:g}, delta {dp['delta']:g}"))
+    if "violated" not in dp:
+        verdict = dp["status"]
+    else:
+        proven = (f"attacks prove epsilon >= {dp['proven_epsilon']:.3g} ({100 * dp['confidence']:.0f}% confidence); "
+                  f"claimed {dp['eps']:.4g} at delta {dp['delta']:g}")
+        verdict = ("VIOLATED: " if dp["violated"] else "holds: ") + proven
+    table.add_row("dp bound", "TPR <= e^eps FPR + delta", verdict)
     return table
 
 
-__all__ = ["REPORTED_FPRS", "AuditError", "AuditRun", "audit_table", "open_run", "run_audit"]
+__all__ = ["REPORTED_FPRS", "AuditError", "AuditRun", "audit_table", "membership_points", "open_run", "run_audit"]

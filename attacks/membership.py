@@ -21,7 +21,9 @@ pixel-space model (``attacks.pixels.PixelModel``):
 95% intervals (members and non-members resampled separately, the threshold
 re-chosen in each resample). ``dp_bound_check`` is the audit of an
 (eps, delta)-DP release: any test must satisfy TPR <= e^eps FPR + delta (and
-its mirror, 1 - FPR <= e^eps (1 - TPR) + delta).
+its mirror, 1 - FPR <= e^eps (1 - TPR) + delta); it reports the largest
+epsilon the attacks' counts prove (``fedistill.privacy.empirical``) and calls
+the claim violated only when that exceeds it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from attacks.registry import Registry
+from fedistill.privacy.empirical import CONFIDENCE, epsilon_lower_bound
 
 log = logging.getLogger("fedistill.attacks")
 
@@ -234,52 +237,68 @@ def tpr_bound(eps: float, delta: float, fpr: float) -> float:
 
 @dataclass
 class BoundPoint:
-    """One (FPR, TPR) point of an attack against the DP region; ``violated`` on the point estimate,
-    ``significant`` when even the interval's lower TPR end is above the bound."""
+    """One (FPR, TPR) point of an attack, the DP bound at its FPR, and the epsilon its counts prove.
+
+    ``proven_epsilon`` is a lower bound on epsilon from the point's member and
+    non-member counts (Clopper-Pearson on both rates); ``bound`` is the
+    highest TPR the claimed (eps, delta) allows at the measured FPR, for tables.
+    """
 
     source: str
     fpr: float
     tpr: float
+    members: int
+    non_members: int
     bound: float
-    violated: bool
-    significant: bool
+    proven_epsilon: float
 
 
 @dataclass
 class BoundCheck:
+    """Attack points against a claimed (eps, delta): violated only when the data prove a larger epsilon."""
+
     eps: float
     delta: float
+    confidence: float
     points: list[BoundPoint]
 
     @property
+    def proven_epsilon(self) -> float:
+        return max((point.proven_epsilon for point in self.points), default=0.0)
+
+    @property
     def violated(self) -> bool:
-        return any(point.violated for point in self.points)
+        return self.proven_epsilon > self.eps + BOUND_SLACK
 
     def to_dict(self) -> dict[str, Any]:
-        points = [asdict(point) for point in self.points]
-        return {"eps": self.eps, "delta": self.delta, "violated": self.violated, "points": points}
+        return {"eps": self.eps, "delta": self.delta, "confidence": self.confidence,
+                "proven_epsilon": self.proven_epsilon, "violated": self.violated,
+                "points": [asdict(point) for point in self.points]}
 
 
 BOUND_SLACK = 1e-9
 
 
 def dp_bound_check(
-    eps: float, delta: float, points: Sequence[tuple[str, float, float, float | None]]
+    eps: float, delta: float, points: Sequence[tuple[str, float, float, int, int]], confidence: float = CONFIDENCE
 ) -> BoundCheck:
-    """Check attack points ``(source, fpr, tpr, tpr_ci_low or None)`` against (eps, delta)-DP.
+    """Check attack points ``(source, fpr, tpr, members, non_members)`` against (eps, delta)-DP.
 
-    Pure: no state, no I/O. A point above ``tpr_bound`` is a violation: either
-    the epsilon is under-reported or the attack's estimate is noisy; the
-    interval's lower end (``significant``) tells the two apart.
+    Pure: no state, no I/O. A measured TPR above ``tpr_bound`` alone proves
+    nothing (with no false alarm among 200 non-members the FPR is only known
+    to be below 1.8 %): each point's rates are turned into the epsilon they
+    prove at ``confidence`` (Bonferroni over the points, so the largest of
+    them holds at ``confidence`` too), and the check is violated when that
+    exceeds ``eps``.
     """
+    each = 1 - (1 - confidence) / max(1, len(points))
     checked = []
-    for source, fpr, tpr, low in points:
-        bound = tpr_bound(eps, delta, fpr)
-        checked.append(
-            BoundPoint(source, float(fpr), float(tpr), bound, tpr > bound + BOUND_SLACK,
-                       low is not None and low > bound + BOUND_SLACK)
-        )
-    return BoundCheck(float(eps), float(delta), checked)
+    for source, fpr, tpr, members, non_members in points:
+        hits, alarms = round(tpr * members), round(fpr * non_members)
+        proven = epsilon_lower_bound(hits, members, alarms, non_members, delta, each)
+        checked.append(BoundPoint(source, float(fpr), float(tpr), int(members), int(non_members),
+                                  tpr_bound(eps, delta, fpr), proven))
+    return BoundCheck(float(eps), float(delta), confidence, checked)
 
 
 def read_privacy(run_dir: Path) -> tuple[float, float, str] | None:

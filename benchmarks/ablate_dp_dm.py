@@ -50,7 +50,7 @@ def main() -> None:
         for variant in (PrivateDistributionMatching, RawEmbeddings):
             ledger = PrivacyLedger(delta=1e-5)
             counts = np.bincount(train.labels, minlength=10)  # true counts: identical for both variants
-            privacy = PrivateData(counts, 0.2, 1.0, sigma, 0, ledger, torch.Generator().manual_seed(0), 1)
+            privacy = PrivateData(counts, 0.2, 1.0, sigma, ledger, torch.Generator().manual_seed(0), 1)
             syn = variant(spec, settings, torch.device("cpu"), privacy=privacy)(
                 train.normalized(), torch.from_numpy(train.labels), 10, seed=0)
             result = evaluate_set(syn, test.normalized(), torch.from_numpy(test.labels), spec,

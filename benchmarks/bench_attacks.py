@@ -203,6 +203,9 @@ def pct(value: float | None) -> str:
 
 def tables(rows: dict[str, dict[str, Any]]) -> str:
     """Markdown tables for BENCHMARKS.md from the row files."""
+    from attacks.audit import membership_points
+    from attacks.membership import dp_bound_check
+
     out: list[str] = []
     clean = rows.get("clean")
     if clean and "evasion" in clean["audit"]:
@@ -255,6 +258,14 @@ def tables(rows: dict[str, dict[str, Any]]) -> str:
                 out.append(f"| {name} | {report['target']} | {report['attack']} | {report['auc']:.3f} [{auc_low:.3f}, "
                            f"{auc_high:.3f}] | {pct(one['tpr'])} [{pct(low)}, {pct(high)}] | {pct(tenth['tpr'])} "
                            f"| {pct(bound)} |")
+        out.append("")
+        for name, row in audited:
+            check = row["audit"].get("dp_check", {})
+            if "eps" in check:
+                recheck = dp_bound_check(check["eps"], check["delta"], membership_points(row["audit"]["membership"]))
+                out.append(f"- {name}: the attacks' counts prove epsilon >= {recheck.proven_epsilon:.3g} "
+                           f"({100 * recheck.confidence:.0f} % confidence, every point above); ledger epsilon "
+                           f"{check['eps']:.4g}: {'VIOLATED' if recheck.violated else 'holds'}")
         out.append("")
     return "\n".join(out)
 

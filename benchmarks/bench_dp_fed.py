@@ -53,7 +53,7 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
             "delta": 1e-5,
             "clip_norm": args.clip,
             "sample_rate": args.sample_rate,
-            "min_class_count": args.min_class_count,
+            "presence_sigmas": args.presence_sigmas,
             "accountant": "rdp",
             "reproducible": True,
         },
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="image lr (distillers) or local lr (dp-fedavg)")
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0)
-    parser.add_argument("--min-class-count", type=int, default=0)
+    parser.add_argument("--presence-sigmas", type=float, default=3.0)
     parser.add_argument(
         "--init",
         choices=["noise", "public"],

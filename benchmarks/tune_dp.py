@@ -36,6 +36,7 @@ PUBLIC_START = 55_000
 """Training images from here on are never partitioned among clients in the DP benchmark."""
 
 COUNT_NOISE = 20.0
+PRESENCE_SIGMAS = 3.0
 
 PROXY_PUBLIC = (2000, 2500)
 """With ``--init public``: the proxy client's public pool, rows ``[2000, 2500)`` of the public split."""
@@ -78,8 +79,8 @@ def main() -> None:
     sigma = calibrate_noise_multiplier(args.epsilon, 1e-5, args.sample_rate, releases, prior=prior) if releases else 0.0
     ledger = PrivacyLedger(delta=1e-5)
     generator = torch.Generator().manual_seed(0)
-    counts = release_class_counts(client.labels, 10, ledger, COUNT_NOISE, generator, 1)
-    privacy = PrivateData(counts, args.sample_rate, args.clip, sigma, 0, ledger, generator, 1)
+    counts = release_class_counts(client.labels, 10, ledger, COUNT_NOISE, generator, 1, PRESENCE_SIGMAS)
+    privacy = PrivateData(counts, args.sample_rate, args.clip, sigma, ledger, generator, 1)
     started = time.perf_counter()
     if args.method == "dp-sgd":
         model = build_model(spec, (1, 28, 28), 10)

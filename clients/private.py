@@ -120,7 +120,6 @@ def train_private(
             data.info.num_classes,
             server_round,
             secret_generator(config.privacy, seed),
-            config.privacy.min_class_count,
         )
         arrays, task_metrics = run_task(privacy)
     finally:

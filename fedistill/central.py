@@ -53,6 +53,8 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
         device = pick_device(cfg.device)
     except (RuntimeError, ValueError) as error:
         raise ConfigError(str(error)) from None
+    if cfg.privacy.enabled:
+        plan_privacy(cfg)  # a target no noise can meet is refused before anything is loaded or written
     full_train = load_dataset(cfg.data.name, "train", root=cfg.data.root, path=cfg.data.path)
     test = load_dataset(cfg.data.name, "test", root=cfg.data.root, path=cfg.data.path)
     train = cfg.data.private_train(full_train)
@@ -153,7 +155,7 @@ def _private_round(
     plan = plan_privacy(cfg)
     ledger = new_ledger(plan)
     generator = secret_generator(cfg.privacy, cfg.seed)
-    return ledger, open_round(plan, ledger, labels, num_classes, 1, generator, cfg.privacy.min_class_count)
+    return ledger, open_round(plan, ledger, labels, num_classes, 1, generator)
 
 
 def _summary(metrics: dict[str, Any], result: EvalResult, run_dir: Path) -> Table:

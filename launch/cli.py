@@ -44,13 +44,14 @@ DP_VIOLATION_EXIT = 3
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn configuration and data problems into one red line on stderr and exit code 2."""
+    """Turn configuration, data and privacy-budget problems into one red line on stderr and exit code 2."""
     from fedistill.config import ConfigError
     from fedistill.data import DataError
+    from fedistill.privacy import BudgetTooSmall
 
     try:
         yield
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, BudgetTooSmall) as error:
         err_console.print(f"error: {error}", style="red", markup=False, highlight=False)
         raise typer.Exit(USER_ERROR_EXIT) from None
 
@@ -160,6 +161,7 @@ def run(
         from fedistill.checkpoint import CheckpointError
         from fedistill.config import OPERATIONAL_KEYS, ConfigError, load_config
         from fedistill.data import dataset_info
+        from fedistill.privacy_plan import plan_privacy
         from fedistill.runs import write_json
         from launch.simulation import SimulationInterrupted, simulate_run
         from server.compare import BASELINES, baseline_config, comparison_rows, comparison_table, read_metrics
@@ -186,6 +188,8 @@ def run(
         unknown = [name for name in against or [] if name not in BASELINES]
         if unknown:
             raise ConfigError(f"--against: unknown baseline {unknown[0]!r}; allowed: {', '.join(BASELINES)}")
+        if cfg.privacy.enabled:
+            plan_privacy(cfg)  # a target no noise can meet ends here, before any node is asked
         info = dataset_info(cfg.data.name, cfg.data.path)
         check_memory(cfg, info, clients_here=min(cfg.partition.num_clients, os.cpu_count() or 1))
         try:

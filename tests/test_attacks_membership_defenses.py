@@ -146,13 +146,30 @@ def test_dp_bound_check_flags_a_violation_and_passes_a_compliant_result() -> Non
     assert tpr_bound(1.0, 1e-5, 0.01) == pytest.approx(np.e * 0.01 + 1e-5)
     assert tpr_bound(0.0, 0.0, 0.3) == pytest.approx(0.3)
     assert tpr_bound(10.0, 1e-5, 0.5) == pytest.approx(1 - np.exp(-10) * (1 - 1e-5 - 0.5))  # the mirror binds
-    bad = dp_bound_check(1.0, 1e-5, [("lira @ 1%", 0.01, 0.20, 0.15), ("loss @ 0.1%", 0.001, 0.002, None)])
-    assert bad.violated and [p.violated for p in bad.points] == [True, False]
-    assert bad.points[0].significant and bad.to_dict()["violated"] is True
-    good = dp_bound_check(1.0, 1e-5, [("lira @ 1%", 0.01, 0.02, 0.0), ("loss @ 0.1%", 0.001, 0.0027, None)])
+    # 200 of 1000 members found at 10 of 1000 false alarms proves far more than epsilon 1.
+    bad = dp_bound_check(1.0, 1e-5, [("lira @ 1%", 0.01, 0.20, 1000, 1000), ("loss @ 0.1%", 0.001, 0.002, 1000, 1000)])
+    assert bad.violated and bad.proven_epsilon > 2.0 and bad.to_dict()["violated"] is True
+    assert bad.points[0].proven_epsilon == bad.proven_epsilon and bad.points[1].proven_epsilon == 0.0
+    good = dp_bound_check(1.0, 1e-5, [("lira @ 1%", 0.01, 0.02, 1000, 1000), ("loss @ 0.1%", 0.001, 0.0027, 1000, 1000)])
     assert not good.violated
-    mirror = dp_bound_check(0.1, 0.0, [("high fpr", 0.9, 0.999, None)])  # 1 - TPR must stay >= e^-eps (1 - FPR)
+    mirror = dp_bound_check(0.1, 0.0, [("high fpr", 0.5, 1.0, 2000, 2000)])  # 1 - TPR must stay >= e^-eps (1 - FPR)
     assert mirror.violated
+
+
+def test_dp_bound_check_does_not_call_a_lucky_zero_fpr_a_violation() -> None:
+    """The false alarm found by an independent check: FPR 0/200 and TPR 2/200 at a correctly noised eps-2 release."""
+    check = dp_bound_check(2.0, 1e-5, [("nn-distance @ FPR 0.01", 0.0, 0.01, 200, 200)])
+    assert tpr_bound(2.0, 1e-5, 0.0) < 0.01  # the point estimate is above the bound...
+    assert not check.violated and check.proven_epsilon == 0.0  # ...but the counts prove nothing
+    assert check.to_dict()["confidence"] == 0.95
+
+
+def test_dp_bound_check_splits_its_confidence_over_the_points() -> None:
+    """Many points tried at once: each is judged at a stricter level, so the largest bound still holds at 95 %."""
+    point = ("attack", 0.0, 0.05, 400, 400)
+    alone = dp_bound_check(1.0, 1e-5, [point]).proven_epsilon
+    among_many = dp_bound_check(1.0, 1e-5, [point] * 20).proven_epsilon
+    assert 0 < among_many < alone
 
 
 def test_read_privacy_takes_the_worst_case_from_privacy_json(tmp_path: Path) -> None:

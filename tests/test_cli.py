@@ -66,6 +66,25 @@ def test_bad_settings_print_one_error_line(args: list[str], needles: tuple[str, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", ["run", "distill"])
+def test_a_privacy_target_no_noise_can_meet_is_refused_in_one_line(command: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Target 0.1 is below what the count release alone spends: one line, the key and the floor, nothing run."""
+    import launch.simulation
+
+    def no_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the simulation started")
+
+    monkeypatch.setattr(launch.simulation, "simulate_run", no_run)
+    args = [command, str(REPO / "configs" / "fed-dp-dm.toml"), "--set", "data.name=digits",
+            "--set", "privacy.target_epsilon=0.1", "--set", f"output_dir={tmp_path}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result.stderr, "privacy.target_epsilon = 0.1", "smallest target that works is just above 0.182",
+                          "privacy.count_noise_multiplier = 20")
+    assert not any(tmp_path.iterdir())
+
+
 def test_bad_value_in_config_file_names_the_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('[eval]\nepochs = "many"\n')

@@ -20,7 +20,6 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
 from rich.console import Console
-from scipy.stats import beta
 
 from clients.app import distill_partition
 from fedistill.central import run_central
@@ -35,6 +34,7 @@ from fedistill.privacy import (
     Access,
     PrivacyLedger,
     PrivateData,
+    accounting,
     calibrate_noise_multiplier,
     clipped_class_sums,
     compute_epsilon,
@@ -42,6 +42,7 @@ from fedistill.privacy import (
     release_class_counts,
 )
 from fedistill.privacy.dpsgd import dp_sgd
+from fedistill.privacy.empirical import epsilon_lower_bound
 from fedistill.privacy_plan import plan_privacy
 from fedistill.synthetic import SyntheticSet
 from server.validation import ReplyLimits, validate_set_arrays
@@ -69,8 +70,8 @@ def private_data(labels: np.ndarray, sigma: float = 2.0, rate: float = 0.2, clip
     ledger = PrivacyLedger(delta=1e-5)
     generator = torch.Generator().manual_seed(seed)
     if counts is None:
-        counts = release_class_counts(labels, 10, ledger, 5.0, generator, 1)
-    return PrivateData(np.asarray(counts), rate, clip, sigma, 0, ledger, generator, 1)
+        counts = release_class_counts(labels, 10, ledger, 5.0, generator, 1, presence_sigmas=3.0)
+    return PrivateData(np.asarray(counts), rate, clip, sigma, ledger, generator, 1)
 
 
 def settings(**overrides) -> DistillSettings:  # type: ignore[no-untyped-def]
@@ -116,10 +117,12 @@ def test_prv_failures_fall_back_to_rdp_and_say_so(monkeypatch: pytest.MonkeyPatc
         raise ValueError("domain too large")
 
     monkeypatch.setattr(PRVAccountant, "get_epsilon", broken)
+    accounting._compute_epsilon.cache_clear()  # epsilons are memoised per history; the patch must be seen
     fallback = compute_epsilon(history, 1e-5, "prv")
     assert fallback.value == rdp.value and fallback.accountant == "rdp" and "PRV failed" in fallback.note
     assert "RDP accountant" in fallback.describe() and "add/remove one record" in fallback.describe()
     monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, delta, **kwargs: float("nan"))
+    accounting._compute_epsilon.cache_clear()
     assert compute_epsilon(history, 1e-5, "prv").accountant == "rdp"
 
 
@@ -169,13 +172,29 @@ def test_a_plan_without_releases_spends_only_the_count_release() -> None:
 def test_counts_are_released_once_and_reused_without_fresh_noise(noise_draws: list) -> None:  # type: ignore[type-arg]
     labels = np.repeat(np.arange(4), [50, 30, 0, 7])
     ledger = PrivacyLedger(delta=1e-5)
-    first = release_class_counts(labels, 4, ledger, 3.0, torch.Generator().manual_seed(0), 1)
-    again = release_class_counts(labels, 4, ledger, 3.0, torch.Generator().manual_seed(99), 2)
+    first = release_class_counts(labels, 4, ledger, 3.0, torch.Generator().manual_seed(0), 1, presence_sigmas=3.0)
+    again = release_class_counts(labels, 4, ledger, 3.0, torch.Generator().manual_seed(99), 2, presence_sigmas=3.0)
     assert np.array_equal(first, again) and len(noise_draws) == 1
     assert ledger.steps(CLASS_COUNTS) == 1 and ledger.released(CLASS_COUNTS) == first.tolist()
-    assert first[2] == 0 and (first >= 0).all()  # an absent class stays absent: the label set is public
+    assert first[2] == 0 and first[3] == 0 and first[0] > 40  # 7 records are under the 9-record presence threshold
     with pytest.raises(ValueError, match="already released"):
         ledger.remember(CLASS_COUNTS, first)
+
+
+def test_class_presence_is_decided_from_the_noisy_counts_only() -> None:
+    """An absent class appears as often as the threshold lets noise through; the true zero is not consulted."""
+    labels = np.repeat(np.arange(3), [200, 0, 2])
+    draws = np.stack([
+        release_class_counts(labels, 3, PrivacyLedger(delta=1e-5), 1.0, torch.Generator().manual_seed(seed), 1,
+                         presence_sigmas=0.0)
+        for seed in range(2000)
+    ])
+    # With no threshold, noise alone (std 1 record) rounds an absent class to >= 1 about 31 % of the time.
+    assert 0.25 < (draws[:, 1] > 0).mean() < 0.37
+    assert (draws[:, 2] > 0).mean() > 0.9 and (draws[:, 0] > 150).all()
+    strict = [release_class_counts(labels, 3, PrivacyLedger(delta=1e-5), 1.0, torch.Generator().manual_seed(seed), 1,
+                                   presence_sigmas=3.0)[1] for seed in range(2000)]
+    assert np.mean(np.asarray(strict) > 0) < 0.01
 
 
 def test_clipping_bounds_what_one_outlier_record_changes(digits_train: ImageData) -> None:
@@ -329,9 +348,8 @@ def test_private_methods_refuse_real_init_and_batchnorm(digits_train: ImageData)
 
 def test_private_set_uses_released_counts_and_passes_server_validation(digits_train: ImageData) -> None:
     privacy = private_data(digits_train.labels, counts=np.array([0, 2, 40, 1, 50, 60, 0, 70, 80, 90]))
-    privacy.min_class_count = 2
     syn = distil("dp-dm", digits_train, privacy, iterations=2)
-    assert syn.images_per_class().tolist() == [0, 2, 3, 0, 3, 3, 0, 3, 3, 3]
+    assert syn.images_per_class().tolist() == [0, 2, 3, 1, 3, 3, 0, 3, 3, 3]
     assert syn.source_counts.tolist() == [0, 2, 40, 1, 50, 60, 0, 70, 80, 90]
     limits = ReplyLimits(num_classes=10, image_shape=(1, 8, 8), max_images=30, max_bytes=2**20)
     validate_set_arrays(syn.to_arrays(), limits)
@@ -383,28 +401,19 @@ def test_ledger_round_trips_through_json() -> None:
 # ------------------------------------------------------------------ empirical audit
 
 
-def _clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[float, float]:
-    alpha = 1 - confidence
-    low = 0.0 if successes == 0 else beta.ppf(alpha / 2, successes, trials - successes + 1)
-    high = 1.0 if successes == trials else beta.ppf(1 - alpha / 2, successes + 1, trials - successes)
-    return float(low), float(high)
-
-
 def _audit_epsilon(released: torch.Tensor, members: ImageData, others: ImageData, delta: float) -> tuple[float, float]:
     """Nearest-neighbour membership attack on a released set at 1% FPR.
 
     Score: distance from a candidate record to the closest released image
     (closer means "member"). Returns the TPR and a 95% lower bound on epsilon
-    from TPR <= e^eps * FPR + delta (Clopper-Pearson on both rates).
+    (``epsilon_lower_bound``: Clopper-Pearson on both rates).
     """
     distances = [torch.cdist(d.normalized().flatten(1), released.flatten(1)).min(dim=1).values.numpy()
                  for d in (members, others)]
     threshold = np.quantile(distances[1], 0.01)
     true_positives = int((distances[0] < threshold).sum())
     false_positives = int((distances[1] < threshold).sum())
-    tpr_low, _ = _clopper_pearson(true_positives, len(members), 0.95)
-    _, fpr_high = _clopper_pearson(false_positives, len(others), 0.95)
-    bound = math.log(max(tpr_low - delta, 1e-12) / fpr_high)
+    bound = epsilon_lower_bound(true_positives, len(members), false_positives, len(others), delta)
     return true_positives / len(members), bound
 
 
@@ -424,8 +433,9 @@ def test_membership_audit_of_a_dp_set_stays_within_the_epsilon_bound(digits_trai
     plan = plan_privacy(config)
     ledger = PrivacyLedger(delta=1e-5)
     generator = torch.Generator().manual_seed(7)
-    counts = release_class_counts(members.labels, 10, ledger, plan.count_noise_multiplier, generator, 1)
-    privacy = PrivateData(counts, plan.sample_rate, plan.clip_norm, plan.noise_multiplier, 0, ledger, generator, 1)
+    counts = release_class_counts(members.labels, 10, ledger, plan.count_noise_multiplier, generator, 1,
+                                  plan.presence_sigmas)
+    privacy = PrivateData(counts, plan.sample_rate, plan.clip_norm, plan.noise_multiplier, ledger, generator, 1)
     distiller = get_distiller("dp-dm")(SPEC, settings(ipc=10, iterations=60), CPU, privacy=privacy)
     syn = distiller(members.normalized(), torch.from_numpy(members.labels), 10, seed=1)
     spent = ledger.epsilon().value

@@ -19,6 +19,7 @@ where the plan is homogeneous.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterable
@@ -102,9 +103,19 @@ def _opacus_epsilon(history: History, delta: float, accountant: str) -> float:
 
 
 def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> Epsilon:
-    """Epsilon spent by ``history`` at ``delta``: Opacus' RDP bound, or PRV's upper bound with RDP as fallback."""
+    """Epsilon spent by ``history`` at ``delta``: Opacus' RDP bound, or PRV's upper bound with RDP as fallback.
+
+    Memoised on the merged history: Opacus' RDP of a subsampled release takes
+    a quarter of a second, and a node asks for the same history several
+    times a round (budget check, reply), as does the server for each reply.
+    """
     merged = merge_history(history)
     _check(merged, delta, accountant)
+    return _compute_epsilon(tuple(merged), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compute_epsilon(merged: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> Epsilon:
     if not merged:
         return Epsilon(0.0, delta, accountant)
     if any(sigma == 0 for sigma, _, _ in merged):

@@ -23,8 +23,10 @@ class PrivacyConfig(BaseModel):
     ``count_noise_multiplier`` (std in records). Unless ``noise_multiplier``
     is set, it is calibrated so that the planned run (count release plus all
     rounds' releases) ends at ``target_epsilon`` under ``accountant``.
-    ``min_class_count``: classes whose released count is below it get no
-    images. ``reproducible`` seeds sampling and noise from ``seed`` (tests and
+    A class counts as present (gets images and a count) only if its noisy
+    count is at least ``presence_sigmas`` noise stds, so that which classes a
+    client has is decided from the release, never from the true counts.
+    ``reproducible`` seeds sampling and noise from ``seed`` (tests and
     benchmarks only: whoever knows the seed can remove the noise). Private
     work samples with ``sample_rate``, so ``distill.batch_real`` and
     ``federation.local_batch`` are not used. See docs/privacy.md.
@@ -39,6 +41,6 @@ class PrivacyConfig(BaseModel):
     sample_rate: float = Field(default=0.05, gt=0, le=1)
     noise_multiplier: float | None = Field(default=None, gt=0, description="default: calibrated to target_epsilon")
     count_noise_multiplier: float = Field(default=20.0, gt=0)
-    min_class_count: int = Field(default=0, ge=0)
+    presence_sigmas: float = Field(default=3.0, ge=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     reproducible: bool = False

@@ -100,6 +100,16 @@ class GaussianMechanism:
         return clean.detach().double() + noise.to(clean.device)
 
 
+def presence_threshold(count_noise_multiplier: float, presence_sigmas: float) -> float:
+    """Released count a class needs to count as present: ``presence_sigmas`` noise stds (at least half a record).
+
+    With 3 stds, a class the client has no record of is released as present
+    with probability 0.13 %, and with a lone record 0.16 % (noise std 20):
+    a ratio of 1.18, within the release's epsilon.
+    """
+    return max(0.5, presence_sigmas * count_noise_multiplier)
+
+
 def release_class_counts(
     labels: np.ndarray,
     num_classes: int,
@@ -107,14 +117,18 @@ def release_class_counts(
     noise_multiplier: float,
     generator: torch.Generator,
     server_round: int,
+    presence_sigmas: float,
 ) -> np.ndarray:
     """The client's per-class counts, released once with Gaussian noise (L2 sensitivity 1) and reused after.
 
     A record is in one class, so adding or removing it changes one count by
-    one. The noisy counts are rounded and floored at 0; classes the client
-    has no record of stay 0, because the label set is treated as public (it
-    is visible in the set's labels anyway). Later calls return the stored
-    release without drawing noise again.
+    one. Which classes are present is decided from the noisy counts alone:
+    a class whose noisy count is below ``presence_threshold`` is released as
+    0 (no images, no count), the others as their rounded noisy count. Both
+    are post-processing of the one release, so the class presence, the set's
+    labels and size and ``num-examples`` are covered by its epsilon under
+    add/remove-one-record adjacency. Later calls return the stored release
+    without drawing noise again.
     """
     stored = ledger.released(CLASS_COUNTS)
     if stored is not None:
@@ -124,7 +138,7 @@ def release_class_counts(
     true = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
     mechanism = GaussianMechanism(CLASS_COUNTS, noise_multiplier, 1.0, ledger, generator, server_round)
     noisy = mechanism.release(torch.from_numpy(true.astype(np.float64)), sample_rate=1.0).numpy()
-    counts = np.maximum(np.rint(noisy), 0).astype(np.int64)
-    counts[true == 0] = 0
+    present = noisy >= presence_threshold(noise_multiplier, presence_sigmas)
+    counts = np.where(present, np.rint(noisy), 0).astype(np.int64)
     ledger.remember(CLASS_COUNTS, counts.tolist())
     return counts

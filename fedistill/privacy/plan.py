@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from fedistill.privacy.accounting import Epsilon, calibrate_noise_multiplier, compute_epsilon
+from fedistill.privacy.accounting import BudgetTooSmall, Epsilon, calibrate_noise_multiplier, compute_epsilon
 from fedistill.privacy.config import PrivacyConfig
 from fedistill.privacy.ledger import Access
 from fedistill.privacy.mechanisms import CLASS_COUNTS
@@ -36,6 +36,7 @@ class PrivacyPlan:
     sample_rate: float
     clip_norm: float
     count_noise_multiplier: float
+    presence_sigmas: float
     noise_multiplier: float
     steps_per_round: int
     rounds: int
@@ -73,14 +74,20 @@ def calibrated_plan(privacy_json: str, mechanism: str, steps: int, rounds: int) 
     if steps * rounds == 0:
         sigma = 0.0  # nothing is released beyond the counts, so nothing needs noise
     elif sigma is None:
-        sigma = calibrate_noise_multiplier(
-            privacy.target_epsilon,
-            privacy.delta,
-            privacy.sample_rate,
-            steps * rounds,
-            privacy.accountant,
-            prior=[(privacy.count_noise_multiplier, 1.0, 1)],
-        )
+        counts = [(privacy.count_noise_multiplier, 1.0, 1)]
+        try:
+            sigma = calibrate_noise_multiplier(
+                privacy.target_epsilon, privacy.delta, privacy.sample_rate, steps * rounds, privacy.accountant,
+                prior=counts,
+            )
+        except BudgetTooSmall:
+            floor = compute_epsilon(counts, privacy.delta, privacy.accountant).value
+            raise BudgetTooSmall(
+                f"privacy.target_epsilon = {privacy.target_epsilon:g} cannot be met: the class-count release alone "
+                f"spends {floor:.3g} (privacy.count_noise_multiplier = {privacy.count_noise_multiplier:g}), so the "
+                f"smallest target that works is just above {floor:.3g}; raise privacy.target_epsilon or "
+                "privacy.count_noise_multiplier"
+            ) from None
     return PrivacyPlan(
         mechanism=mechanism,
         target_epsilon=privacy.target_epsilon,
@@ -89,6 +96,7 @@ def calibrated_plan(privacy_json: str, mechanism: str, steps: int, rounds: int) 
         sample_rate=privacy.sample_rate,
         clip_norm=privacy.clip_norm,
         count_noise_multiplier=privacy.count_noise_multiplier,
+        presence_sigmas=privacy.presence_sigmas,
         noise_multiplier=float(sigma),
         steps_per_round=steps,
         rounds=rounds,

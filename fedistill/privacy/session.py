@@ -87,7 +87,6 @@ class PrivateData:
     sample_rate: float
     clip_norm: float
     noise_multiplier: float
-    min_class_count: int
     ledger: PrivacyLedger
     generator: torch.Generator
     server_round: int
@@ -98,10 +97,8 @@ class PrivateData:
                                  self.server_round)
 
     def budgets(self, ipc: int) -> np.ndarray:
-        """Synthetic images per class: ``min(ipc, count)``; none if the released count is under ``min_class_count``."""
-        budgets = np.minimum(self.counts, ipc).astype(np.int64)
-        budgets[self.counts < max(self.min_class_count, 1)] = 0
-        return budgets
+        """Synthetic images per class: ``min(ipc, released count)``; none for classes released as absent (count 0)."""
+        return np.minimum(np.maximum(self.counts, 0), ipc).astype(np.int64)
 
     def expected_counts(self) -> np.ndarray:
         """Expected records per class in one Poisson sample: ``sample_rate * released count`` (at least one record)."""
@@ -119,16 +116,15 @@ def open_round(
     num_classes: int,
     server_round: int,
     generator: torch.Generator,
-    min_class_count: int,
 ) -> PrivateData:
     """Release the noisy class counts (first round only; later rounds reuse them) and bundle the round's inputs."""
-    counts = release_class_counts(labels, num_classes, ledger, plan.count_noise_multiplier, generator, server_round)
+    counts = release_class_counts(labels, num_classes, ledger, plan.count_noise_multiplier, generator, server_round,
+                                  plan.presence_sigmas)
     return PrivateData(
         counts=counts,
         sample_rate=plan.sample_rate,
         clip_norm=plan.clip_norm,
         noise_multiplier=plan.noise_multiplier,
-        min_class_count=min_class_count,
         ledger=ledger,
         generator=generator,
         server_round=server_round,
