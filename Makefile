@@ -28,11 +28,11 @@ data:
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else \
-	  $(PY) -m fedistill data fetch fashion-mnist; \
+	  $(PY) -m launch data fetch fashion-mnist; \
 	fi
 
 demo: $(STAMP) data
-	$(PY) -m fedistill run configs/demo.toml --against fedavg
+	$(PY) -m launch run configs/demo.toml --against fedavg
 
 test: $(STAMP) data
 	$(PY) -m pytest -q

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from attacks.backdoor import Trigger, backdoor_metrics, configured_trigger, trigger_path
+from attacks.defenses import aggregate_round
 from attacks.evasion import EVASION, robust_accuracy
 from attacks.membership import (
     REPORTED_FPRS,
@@ -50,6 +51,7 @@ from attacks.membership import (
 )
 from attacks.pixels import PixelModel, to_pixels
 from attacks.plots import plot_backdoor, plot_robust_accuracy, plot_roc, plot_triggered
+from fedistill.aggregation import ClientSet
 from fedistill.config import ConfigError, ExperimentConfig, load_config
 from fedistill.data import ImageData, denormalize, load_dataset, partition_dataset
 from fedistill.device import pick_device
@@ -57,9 +59,7 @@ from fedistill.distill import get_distiller
 from fedistill.models import build_model
 from fedistill.runs import write_json
 from fedistill.synthetic import SyntheticSet
-from fedistill.training import TrainSettings, evaluate_set
-from server.aggregation import ClientSet
-from server.federation import EVAL_SEED_OFFSET, aggregate_round
+from fedistill.training import EVAL_SEED_OFFSET, TrainSettings, evaluate_set
 
 log = logging.getLogger("fedistill.attacks")
 

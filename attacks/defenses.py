@@ -18,13 +18,18 @@ cannot hide by inflating the spread):
 
 Filtering costs clean accuracy where honest images are flagged; the audit and
 the benchmarks measure that price next to the drop in attack success.
+
+``aggregate_round`` is the server's whole aggregation step (the configured
+defence, then the aggregation rule); it lives here so that the server and the
+audit, which re-aggregates a finished run without the defence, share it.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -32,12 +37,17 @@ import torch
 from torch import nn
 
 from attacks.registry import Registry
+from fedistill.aggregation import AggregateResult, AggregationContext, ClientSet, get_aggregator
+from fedistill.distill import get_distiller
 from fedistill.models import ModelSpec, build_model
 from fedistill.synthetic import SyntheticSet
 from fedistill.training import TrainSettings, train_model
 
 if TYPE_CHECKING:
     from fedistill.config import ExperimentConfig
+    from fedistill.data import ImageData
+
+log = logging.getLogger("fedistill.server")
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 """Normalised images (N, C, H, W) -> features (N, D)."""
@@ -236,3 +246,39 @@ def defend_sets(
     }
     return result, summary
 
+
+def aggregate_round(
+    clients: list[ClientSet], config: ExperimentConfig, test: ImageData, device: torch.device,
+    defense: str | None = None,
+) -> tuple[AggregateResult, dict[str, Any] | None]:
+    """The round's aggregate: the defence (``defense``, default ``attack.defense.method``) filters the
+    client sets, then the aggregation rule combines what is left. Also returns the defence's report."""
+    method = config.attack.defense.method if defense is None else defense
+    clients = sorted(clients, key=lambda client: client.client_id)  # partition order, whatever the arrival order
+    report = None
+    if method != "none":
+        result, report = defend_sets([client.set for client in clients], config, device, method)
+        report["clients"] = [client.client_id for client in clients]
+        clients = [ClientSet(client.client_id, kept) for client, kept in zip(clients, result.kept) if len(kept)]
+        log.info("defense %s removed %s images", method, report["removed"])
+    return get_aggregator(config.federation.aggregation)(clients, _aggregation_context(config, test, device)), report
+
+
+def _aggregation_context(config: ExperimentConfig, test: ImageData, device: torch.device) -> AggregationContext:
+    num_classes = test.info.num_classes
+
+    def redistill(images: torch.Tensor, labels: torch.Tensor, ipc: int) -> SyntheticSet:
+        settings = replace(config.distill.settings(config.data.name), ipc=ipc)
+        method = get_distiller(config.distill.method)
+        if method.private:  # the client sets are already public: re-distilling them needs no privacy
+            method = get_distiller(method.public_counterpart(settings))  # type: ignore[attr-defined]
+        distiller = method(config.model.spec(), settings, device)
+        return distiller(images, labels, num_classes, seed=config.seed)
+
+    return AggregationContext(
+        num_classes=num_classes,
+        device=device,
+        seed=config.seed,
+        server_ipc=config.federation.server_ipc,
+        redistill=redistill,
+    )

@@ -1,6 +1,6 @@
 """Attack-suite benchmark: Fashion-MNIST, 10 clients, Dirichlet(0.5), IPC 10, one-shot DM, reduced CPU budgets.
 
-Each row is one federated run through Flower's simulation engine (``fedistill.simulation.simulate_run``,
+Each row is one federated run through Flower's simulation engine (``launch.simulation.simulate_run``,
 the path ``fedistill run`` takes) followed by ``fedistill audit`` on its run directory:
 
 - ``clean``: no attack; audit: evasion (PGD-20 and AutoAttack at L-inf 0.1 and 0.2 for the global model, a
@@ -124,7 +124,7 @@ ROWS = ("clean", "clean-defended", "doorping-2mal", "naive-2mal", "doorping-1mal
 def run_row(row: str, args: argparse.Namespace) -> Path:
     from attacks.audit import run_audit
     from fedistill.config import parse_config
-    from fedistill.simulation import simulate_run
+    from launch.simulation import simulate_run
 
     console = Console(stderr=True)
     output = Path(args.output) / row
@@ -167,7 +167,7 @@ def other_defenses(run_dir: Path, console: Console) -> dict[str, Any]:
     from attacks.backdoor import backdoor_metrics
     from attacks.defenses import DEFENSES
     from attacks.pixels import PixelModel, to_pixels
-    from server.federation import aggregate_round
+    from attacks.defenses import aggregate_round
 
     run = open_run(run_dir, console=console)
     pixels = to_pixels(run.test, run.device)

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from benchmarks.common import RESULTS, command, hardware, write_result
 from fedistill.config import ExperimentConfig, parse_config
-from fedistill.simulation import simulate_run
+from launch.simulation import simulate_run
 
 PRIVATE_TRAIN_IMAGES = 55_000
 """Clients hold the first 55,000 training images; the rest is the public tuning split."""

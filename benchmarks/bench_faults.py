@@ -393,7 +393,7 @@ def fuzz_collector(count: int, seed: int) -> dict[str, Any]:
     """``count`` hostile replies, one per fresh collector; counts rejections and oracle failures of accepted sets."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from server.federation import ReplyCollector
+    from server.replies import ReplyCollector
 
     outside_a_flower_run()
     rng = np.random.default_rng(seed)
@@ -515,8 +515,8 @@ def bench_fuzz(work: Path, count: int, seed: int) -> dict[str, Any]:
 
 def fedistill_run(args: list[str], env: dict[str, str], kill_after_round: int | None = None,
                   output_dir: Path | None = None) -> int:
-    """``python -m fedistill run ARGS`` in its own session; optionally SIGKILL the whole group after a round."""
-    proc = subprocess.Popen([sys.executable, "-m", "fedistill", "run", *args], cwd=REPO, env=env,
+    """``python -m launch run ARGS`` in its own session; optionally SIGKILL the whole group after a round."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", *args], cwd=REPO, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if kill_after_round is None:
         return proc.wait()
@@ -531,7 +531,7 @@ def fedistill_run(args: list[str], env: dict[str, str], kill_after_round: int | 
 
 
 def bench_resume(work: Path, kill_after: int) -> dict[str, Any]:
-    from fedistill.simulation import OFFLINE_ENV
+    from launch.simulation import OFFLINE_ENV
 
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
     outcomes = {}

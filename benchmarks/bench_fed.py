@@ -1,6 +1,6 @@
 """Federated Fashion-MNIST benchmark: one protocol on Dirichlet-partitioned clients, through Flower's simulation.
 
-Each call runs one experiment with ``fedistill.simulation.simulate_run`` (the
+Each call runs one experiment with ``launch.simulation.simulate_run`` (the
 engine behind ``fedistill run``: Ray actors run the ClientApp, the ServerApp
 runs the protocol), then writes ``benchmarks/results/fed/<protocol>-dir<alpha>-c<clients>[-tag].json``
 with the final global accuracy, rounds, upload bytes, wall time and the peak
@@ -21,7 +21,7 @@ from rich.console import Console
 from benchmarks.common import RESULTS, command, hardware, write_result
 from benchmarks.memory import PeakTreeMemory
 from fedistill.config import ExperimentConfig, parse_config
-from fedistill.simulation import simulate_run
+from launch.simulation import simulate_run
 
 FIELDS = {
     "accuracy": ("% global test accuracy after the last round", lambda row: round(100 * row["accuracy"], 2)),

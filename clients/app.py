@@ -1,6 +1,6 @@
 """The Flower ClientApp: one train message in, one synthetic set (or, for the baselines, weights) out.
 
-Thin by design: the experiment arrives in the message (``fedistill.messages``),
+Thin by design: the experiment arrives in the message (``wire.messages``),
 the node's partition is loaded once per process (``load_partition``), distilled
 with the configured method on the node's device (``distill_partition``) or
 trained locally for FedAvg/FedProx (``clients.fit``), and the result goes back
@@ -26,7 +26,10 @@ from fedistill.device import pick_device
 from fedistill.distill import IterationHook, get_distiller
 from fedistill.distill.embedding import perturbed_copies
 from fedistill.distill.private import public_start
-from fedistill.messages import (
+from fedistill.models import build_model
+from fedistill.privacy import PrivateData
+from fedistill.synthetic import SyntheticSet
+from wire.messages import (
     CONTINUED,
     IDENTIFY,
     NUM_PARTITIONS,
@@ -41,9 +44,6 @@ from fedistill.messages import (
     restore_into,
     state_to_record,
 )
-from fedistill.models import build_model
-from fedistill.privacy import PrivateData
-from fedistill.synthetic import SyntheticSet
 
 app = ClientApp()
 
@@ -150,7 +150,7 @@ KEPT_BY_SERVER: tuple[str, ...] = (LEDGER_KEY,)
 
 Each reply carries them as ``state.<key>`` records; the server stores the
 latest accepted copy per partition in its checkpoint and returns it as
-``restore.<key>`` to a node that starts without it (``fedistill.messages``).
+``restore.<key>`` to a node that starts without it (``wire.messages``).
 The previous set is not listed: the server rebuilds it from the accepted set.
 The privacy ledger is listed: a node restarted, or every node of a resumed
 run, continues from the ledger of its last accepted reply, and charges the
@@ -174,7 +174,7 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Run the task the server asked for (see ``fedistill.messages``) on this node's partition."""
+    """Run the task the server asked for (see ``wire.messages``) on this node's partition."""
     own_ledger = LEDGER_KEY in context.state
     restore_into(msg.content, context.state)
     config, control = read_experiment(msg.content["config"])

@@ -20,7 +20,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData
-from fedistill.messages import PRIVACY_RECORD, REFUSED
 from fedistill.models import build_model
 from fedistill.privacy import (
     ADJACENCY,
@@ -31,10 +30,11 @@ from fedistill.privacy import (
     check_round,
     new_ledger,
     open_round,
-    plan_privacy,
     secret_generator,
 )
 from fedistill.privacy.dpsgd import dp_sgd
+from fedistill.privacy_plan import plan_privacy
+from wire.messages import PRIVACY_RECORD, REFUSED
 
 log = logging.getLogger("fedistill.client")
 

@@ -1,9 +1,12 @@
 """The ``[attack]`` section: which attacks a run suffers and its audit runs, and the server's defence.
 
 Kept apart from ``fedistill.config`` so that the attack suite's many knobs do
-not crowd the core sections; ``ExperimentConfig.attack`` is an ``AttackConfig``.
-The names allowed here are the registries of ``attacks/`` (a test keeps the
-two in step). Lists default to ``None`` ("the defaults"): Flower's run config
+not crowd the core sections, and free of imports from the library, so any
+floor may read it; ``ExperimentConfig.attack`` is an ``AttackConfig``, and
+the checks across sections (``check_attack``) live with ``ExperimentConfig``.
+The names allowed here are the registries of ``attacks/``, which this floor
+cannot import: each is written once, in a ``Literal`` below that both the
+field and its name tuple come from, and a test keeps them in step. Lists default to ``None`` ("the defaults"): Flower's run config
 holds only scalars, so a list key cannot be listed in ``pyproject.toml``; in a
 TOML file or ``--set`` a list is written as a list, and under ``flwr run
 --run-config`` as a comma-separated string (``"0,3"``).
@@ -11,21 +14,25 @@ TOML file or ``--set`` a list is written as a list, and under ``flwr run
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-if TYPE_CHECKING:
-    from fedistill.config import ExperimentConfig
-
-EVASION_ATTACKS = ("fgsm", "pgd", "cw", "autoattack")
-TRIGGERS = ("patch", "blended")
-BACKDOOR_METHODS = ("none", "naive", "doorping")
-SET_DEFENSES = ("none", "spectral", "class-outliers", "client-outliers")
+EvasionName = Literal["fgsm", "pgd", "cw", "autoattack"]
+TriggerName = Literal["patch", "blended"]
+BackdoorName = Literal["none", "naive", "doorping"]
+SetDefenseName = Literal["none", "spectral", "class-outliers", "client-outliers"]
 """Defences on synthetic sets (``attacks.defenses``), for the distillation protocols."""
-MODEL_DEFENSES = ("none", "krum", "fedmedian", "fedtrimmedavg")
+ModelDefenseName = Literal["none", "krum", "fedmedian", "fedtrimmedavg"]
 """Flower's robust model aggregators, for the FedAvg baseline."""
-POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
+Position = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"]
+
+EVASION_ATTACKS: tuple[str, ...] = get_args(EvasionName)
+TRIGGERS: tuple[str, ...] = get_args(TriggerName)
+BACKDOOR_METHODS: tuple[str, ...] = get_args(BackdoorName)
+SET_DEFENSES: tuple[str, ...] = get_args(SetDefenseName)
+MODEL_DEFENSES: tuple[str, ...] = get_args(ModelDefenseName)
+POSITIONS: tuple[str, ...] = get_args(Position)
 
 DEFAULT_LINF = {
     "fashion-mnist": (0.1, 0.2, 0.3),
@@ -54,7 +61,7 @@ class EvasionConfig(_Section):
     """Robust accuracy of the global model (and of references) under torchattacks, in [0, 1] pixel space."""
 
     enabled: bool = True
-    attacks: list[Literal["fgsm", "pgd", "cw", "autoattack"]] | None = Field(
+    attacks: list[EvasionName] | None = Field(
         default=None, description="default: fgsm, pgd, cw, autoattack"
     )
     epsilons: list[float] | None = Field(default=None, description="L-inf radii; default: the dataset's")
@@ -107,13 +114,13 @@ class BackdoorConfig(_Section):
     ``doorping_steps`` steps of lr ``doorping_lr``.
     """
 
-    method: Literal["none", "naive", "doorping"] = "none"
+    method: BackdoorName = "none"
     malicious_clients: list[int] | None = Field(default=None, description="partition ids of the malicious clients")
     target: int = Field(default=0, ge=0)
     rate: float = Field(default=0.1, gt=0, le=1)
-    trigger: Literal["patch", "blended"] = "patch"
+    trigger: TriggerName = "patch"
     patch_size: int = Field(default=3, ge=1)
-    position: Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"] = "bottom-right"
+    position: Position = "bottom-right"
     blend_alpha: float = Field(default=0.2, gt=0, le=1)
     doorping_period: int = Field(default=10, ge=1)
     doorping_steps: int = Field(default=10, ge=1)
@@ -154,9 +161,7 @@ class DefenseConfig(_Section):
     ``assumed_malicious`` is Krum's f; ``trim_beta`` FedTrimmedAvg's cut per side.
     """
 
-    method: Literal["none", "spectral", "class-outliers", "client-outliers", "krum", "fedmedian", "fedtrimmedavg"] = (
-        "none"
-    )
+    method: Literal[SetDefenseName, ModelDefenseName] = "none"
     threshold: float = Field(default=3.5, gt=0)
     reference_epochs: int = Field(default=50, ge=1)
     assumed_malicious: int = Field(default=1, ge=0)
@@ -171,56 +176,3 @@ class AttackConfig(_Section):
     backdoor: BackdoorConfig = BackdoorConfig()
     membership: MembershipConfig = MembershipConfig()
     defense: DefenseConfig = DefenseConfig()
-
-
-REFINING_METHODS = ("dm", "dc", "dsa")
-"""Distillers that optimise images, so DOORPING can update its trigger while they run."""
-
-
-def check_attack(config: ExperimentConfig) -> None:
-    """Cross-section checks of ``config.attack``; raises ValueError naming the key."""
-    attack, protocol = config.attack, config.federation.protocol
-    baseline = protocol in ("fedavg", "fedprox")
-    method = attack.defense.method
-    if baseline and method not in MODEL_DEFENSES:
-        raise ValueError(
-            f"attack.defense.method: {method!r} filters synthetic sets; for protocol {protocol!r} allowed: "
-            + ", ".join(MODEL_DEFENSES)
-        )
-    if not baseline and method not in SET_DEFENSES:
-        raise ValueError(
-            f"attack.defense.method: {method!r} aggregates models; for protocol {protocol!r} allowed: "
-            + ", ".join(SET_DEFENSES)
-        )
-    if protocol == "fedprox" and method != "none":
-        raise ValueError(
-            f"attack.defense.method: {method!r} replaces FedAvg; use it with federation.protocol = 'fedavg'"
-        )
-    backdoor = attack.backdoor
-    if backdoor.method != "none" and not backdoor.malicious_clients:
-        raise ValueError(
-            f"attack.backdoor.malicious_clients: needs at least one partition id for method {backdoor.method!r}"
-        )
-    outside = [pid for pid in backdoor.malicious() if pid >= config.partition.num_clients]
-    if outside:
-        raise ValueError(
-            f"attack.backdoor.malicious_clients: {outside} outside the partition ids "
-            f"0..{config.partition.num_clients - 1}"
-        )
-    if backdoor.method == "doorping" and not baseline and config.distill.method not in REFINING_METHODS:
-        raise ValueError(
-            f"attack.backdoor.method: doorping optimises its trigger while images are distilled; distill.method "
-            f"{config.distill.method!r} selects real images (allowed with doorping: {', '.join(REFINING_METHODS)})"
-        )
-    if config.data.name != "npz":
-        from fedistill.data import dataset_info
-
-        info = dataset_info(config.data.name)
-        if backdoor.target >= info.num_classes:
-            raise ValueError(
-                f"attack.backdoor.target: {backdoor.target} is not a class of {info.name} (0..{info.num_classes - 1})"
-            )
-        if backdoor.trigger == "patch" and backdoor.patch_size > min(info.height, info.width):
-            raise ValueError(
-                f"attack.backdoor.patch_size: {backdoor.patch_size} exceeds the {info.height}x{info.width} images"
-            )

@@ -29,24 +29,13 @@ from fedistill.data import load_dataset
 from fedistill.device import pick_device
 from fedistill.distill import get_distiller
 from fedistill.distill.private import public_start
-from fedistill.privacy import (
-    ADJACENCY,
-    PrivacyLedger,
-    PrivateData,
-    new_ledger,
-    open_round,
-    plan_privacy,
-    secret_generator,
-)
+from fedistill.privacy import ADJACENCY, PrivacyLedger, PrivateData, new_ledger, open_round, secret_generator
+from fedistill.privacy_plan import plan_privacy
 from fedistill.references import Gains, random_real_like, start_alone
 from fedistill.report import plot_curve, save_class_grids
 from fedistill.runs import create_run_dir, save_config, write_json
 from fedistill.synthetic import SyntheticSet
-from fedistill.training import EvalResult, TrainSettings, evaluate_set
-
-EVAL_SEED_OFFSET = 1_000_003
-"""Evaluation networks are seeded from ``seed + EVAL_SEED_OFFSET``: a distiller that seeds its own
-networks from ``seed + i`` must not hand the evaluation the very initialisation it distilled against."""
+from fedistill.training import EVAL_SEED_OFFSET, EvalResult, TrainSettings, evaluate_set
 
 
 def _progress_bar(console: Console, with_loss: bool) -> Progress:

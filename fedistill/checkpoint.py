@@ -9,7 +9,7 @@ round's checkpoint or the new one, never a mix of two rounds. Loading never
 unpickles anything: safetensors holds raw tensors and the metadata is JSON, so
 a checkpoint copied from another machine cannot run code.
 
-The library knows nothing about the protocol inside (``server.federation`` and
+The library knows nothing about the protocol inside (``server.state`` and
 ``server.baselines`` decide what goes in); it only writes, reads and checks
 the envelope, and captures and restores the process's random number
 generators.

@@ -1,8 +1,13 @@
-"""Experiment configuration: pydantic models, TOML loading and one-line errors.
+"""The experiment: every section of a run's configuration, TOML loading, flat Flower keys and one-line errors.
 
 Every section forbids unknown keys, so a typo fails before any work starts with
-a message naming the key path and the allowed values. Later sections
-(federation, privacy, attacks) slot in as further fields of ``ExperimentConfig``.
+a message naming the key path and the allowed values. ``ExperimentConfig``
+gathers the sections and checks them against each other and against the
+registries they name (distillers, aggregation rules), so this module sits
+above the code it configures. Two sections live apart, in modules that
+import nothing from the library, so that the code below can read them:
+``[privacy]`` (``fedistill.privacy.config``) and ``[attack]``
+(``fedistill.attack_config``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedistill.attack_config import AttackConfig, check_attack
-from fedistill.augment import parse_strategy
-from fedistill.data import ImageData
+from fedistill.aggregation import available_aggregators
+from fedistill.attack_config import MODEL_DEFENSES, SET_DEFENSES, AttackConfig
+from fedistill.augment import default_strategy, parse_strategy
+from fedistill.data import ImageData, dataset_info
 from fedistill.distill import DistillSettings, available_methods, get_distiller
 from fedistill.models import ModelSpec
+from fedistill.privacy.config import PrivacyConfig
 
 
 class ConfigError(ValueError):
@@ -125,8 +132,6 @@ class DistillConfig(_Section):
         return value
 
     def settings(self, dataset: str) -> DistillSettings:
-        from fedistill.augment import default_strategy
-
         values = self.model_dump(exclude={"method"})
         values["dsa_strategy"] = self.dsa_strategy or default_strategy(dataset)
         return DistillSettings(**values)
@@ -153,10 +158,6 @@ class EvalConfig(_Section):
         if value is not None:
             parse_strategy(value)
         return value
-
-
-AGGREGATIONS = ("union", "class-weighted", "redistill")
-"""The server's aggregation rules (``server.aggregation``'s registry; a test keeps the two in step)."""
 
 
 PROTOCOLS = ("one-shot", "multi-round", "fedavg", "fedprox")
@@ -189,7 +190,7 @@ class FederationConfig(_Section):
 
     protocol: Literal["one-shot", "multi-round", "fedavg", "fedprox"] = "one-shot"
     rounds: int = Field(default=1, ge=1)
-    aggregation: Literal["union", "class-weighted", "redistill"] = "union"
+    aggregation: str = Field(default="union", description="a rule of fedistill.aggregation's registry")
     server_ipc: int | None = Field(default=None, ge=1, description="images per class after 'redistill'")
     soft_labels: bool = Field(default=False, description="label the aggregate with the previous global model")
     aggregate_window: int = Field(
@@ -213,6 +214,15 @@ class FederationConfig(_Section):
         default=3600.0, ge=0, description="once the quorum has replied, how much longer a round waits for the rest"
     )
     max_reply_mb: float = Field(default=256.0, gt=0, description="larger client replies are rejected unread")
+
+    @field_validator("aggregation")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        rules = [repr(rule) for rule in available_aggregators()]
+        if repr(value) not in rules:
+            allowed = " or ".join([", ".join(rules[:-1]), rules[-1]] if len(rules) > 1 else rules)
+            raise ValueError(f"invalid value {value!r}; allowed: {allowed}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -241,37 +251,6 @@ OPERATIONAL_KEYS = (
     "federation.max_reply_mb",
 )
 """Flat keys that steer how a run is carried out rather than what it computes: a resumed run may change them."""
-
-class PrivacyConfig(_Section):
-    """Record-level differential privacy for each client (add/remove one record of that client's data).
-
-    With ``enabled``, clients distil with a private method (``dp-dm``,
-    ``dp-gm``) or, under ``fedavg``, train with DP-SGD; every record is
-    Poisson-sampled at ``sample_rate`` per release and clipped to
-    ``clip_norm``. The per-class counts are released once with noise
-    ``count_noise_multiplier`` (std in records). Unless ``noise_multiplier``
-    is set, it is calibrated so that the planned run (count release plus all
-    rounds' releases) ends at ``target_epsilon`` under ``accountant``.
-    A class counts as present (gets images and a count) only if its noisy
-    count is at least ``presence_sigmas`` noise stds, so that which classes a
-    client has is decided from the release, never from the true counts.
-    ``reproducible`` seeds sampling and noise from ``seed`` (tests and
-    benchmarks only: whoever knows the seed can remove the noise). Private
-    work samples with ``sample_rate``, so ``distill.batch_real`` and
-    ``federation.local_batch`` are not used. See docs/privacy.md.
-    """
-
-    enabled: bool = False
-    target_epsilon: float = Field(default=10.0, gt=0)
-    delta: float = Field(default=1e-5, gt=0, lt=1)
-    clip_norm: float = Field(default=1.0, gt=0)
-    sample_rate: float = Field(default=0.05, gt=0, le=1)
-    noise_multiplier: float | None = Field(default=None, gt=0, description="default: calibrated to target_epsilon")
-    count_noise_multiplier: float = Field(default=20.0, gt=0)
-    presence_sigmas: float = Field(default=3.0, ge=0)
-    accountant: Literal["rdp", "prv"] = "rdp"
-    reproducible: bool = False
-
 
 PRIVATE_PROTOCOLS = ("one-shot", "multi-round", "fedavg")
 """Protocols that run with ``privacy.enabled``; FedProx's proximal term would bypass DP-SGD's clipping."""
@@ -336,6 +315,57 @@ class ExperimentConfig(_Section):
     def _attack_fits(self) -> ExperimentConfig:
         check_attack(self)
         return self
+
+
+REFINING_METHODS = ("dm", "dc", "dsa")
+"""Distillers that optimise images, so DOORPING can update its trigger while they run."""
+
+
+def check_attack(config: ExperimentConfig) -> None:
+    """Cross-section checks of ``config.attack``; raises ValueError naming the key."""
+    attack, protocol = config.attack, config.federation.protocol
+    baseline = protocol in ("fedavg", "fedprox")
+    method = attack.defense.method
+    if baseline and method not in MODEL_DEFENSES:
+        raise ValueError(
+            f"attack.defense.method: {method!r} filters synthetic sets; for protocol {protocol!r} allowed: "
+            + ", ".join(MODEL_DEFENSES)
+        )
+    if not baseline and method not in SET_DEFENSES:
+        raise ValueError(
+            f"attack.defense.method: {method!r} aggregates models; for protocol {protocol!r} allowed: "
+            + ", ".join(SET_DEFENSES)
+        )
+    if protocol == "fedprox" and method != "none":
+        raise ValueError(
+            f"attack.defense.method: {method!r} replaces FedAvg; use it with federation.protocol = 'fedavg'"
+        )
+    backdoor = attack.backdoor
+    if backdoor.method != "none" and not backdoor.malicious_clients:
+        raise ValueError(
+            f"attack.backdoor.malicious_clients: needs at least one partition id for method {backdoor.method!r}"
+        )
+    outside = [pid for pid in backdoor.malicious() if pid >= config.partition.num_clients]
+    if outside:
+        raise ValueError(
+            f"attack.backdoor.malicious_clients: {outside} outside the partition ids "
+            f"0..{config.partition.num_clients - 1}"
+        )
+    if backdoor.method == "doorping" and not baseline and config.distill.method not in REFINING_METHODS:
+        raise ValueError(
+            f"attack.backdoor.method: doorping optimises its trigger while images are distilled; distill.method "
+            f"{config.distill.method!r} selects real images (allowed with doorping: {', '.join(REFINING_METHODS)})"
+        )
+    if config.data.name != "npz":
+        info = dataset_info(config.data.name)
+        if backdoor.target >= info.num_classes:
+            raise ValueError(
+                f"attack.backdoor.target: {backdoor.target} is not a class of {info.name} (0..{info.num_classes - 1})"
+            )
+        if backdoor.trigger == "patch" and backdoor.patch_size > min(info.height, info.width):
+            raise ValueError(
+                f"attack.backdoor.patch_size: {backdoor.patch_size} exceeds the {info.height}x{info.width} images"
+            )
 
 
 def format_validation_error(error: ValidationError) -> str:

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 LR_DECAY = 0.1
 
+EVAL_SEED_OFFSET = 1_000_003
+"""Evaluation networks are seeded from ``seed + EVAL_SEED_OFFSET``: a distiller that seeds its own
+networks from ``seed + i`` must not hand the evaluation the very initialisation it distilled against."""
+
 
 @dataclass(frozen=True)
 class TrainSettings:

@@ -21,7 +21,8 @@ from rich.console import Console
 
 from fedistill.config import ExperimentConfig, from_run_config, load_config
 from server.baselines import run_baseline
-from server.federation import GridLike, RunControl, run_distillation
+from server.distillation import run_distillation
+from server.rounds import GridLike, RunControl
 
 APP_KEYS = {"resume": ""}
 """Run-config keys of the app itself, beside the experiment's (``[tool.flwr.app.config]`` lists them too)."""

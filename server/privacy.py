@@ -23,10 +23,11 @@ from flwr.app import Message
 from rich.console import Console
 
 from fedistill.config import ExperimentConfig
-from fedistill.messages import PRIVACY_RECORD, REFUSED
-from fedistill.privacy import ADJACENCY, Epsilon, PrivacyLedger, PrivacyPlan, plan_privacy
+from fedistill.privacy import ADJACENCY, Epsilon, PrivacyLedger, PrivacyPlan
+from fedistill.privacy_plan import plan_privacy
 from fedistill.runs import write_json
 from server.validation import InvalidReply
+from wire.messages import PRIVACY_RECORD, REFUSED
 
 log = logging.getLogger("fedistill.server")
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ConfigRecord, MetricRecord
 
+from fedistill.errors import InvalidReply
 from fedistill.synthetic import SyntheticSet
 
 REQUIRED_KEYS = ("images", "labels", "source_counts")
@@ -73,10 +74,6 @@ CLIENT_STATE_LIMIT_BYTES = 64 * 2**10
 """Largest record a client may ask the server to keep for it (``state.*`` records); ledgers and counters, not data."""
 
 CLIENT_STATE_MAX_RECORDS = 8
-
-
-class InvalidReply(ValueError):
-    """Why a reply was rejected, one line, starting with the offending key."""
 
 
 def client_error(error: Any) -> str:

@@ -12,16 +12,16 @@ from flwr.app import Message
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import clients.app
 from attacks.backdoor import trigger_path
+import clients.app
 from clients.app import load_partition
-from fedistill.cli import app
 from fedistill.config import ConfigError, ExperimentConfig, from_run_config, load_config, parse_config, to_run_config
 from fedistill.data import load_dataset
 from fedistill.runs import save_config
+from launch.cli import app
 from server.baselines import run_baseline
 from server.compare import baseline_config
-from server.federation import run_distillation
+from server.distillation import run_distillation
 from tests.fedgrid import LocalGrid, fake_task_identity
 
 runner = CliRunner()
@@ -223,11 +223,11 @@ def test_audit_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
 
 def test_run_audits_at_the_end_when_the_config_asks(attacked_run: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import fedistill.simulation
+    import launch.simulation
 
     config = attacked_config(tmp_path, audit=True, evasion={"enabled": False}, membership={"enabled": False})
     save_config(tmp_path, config)
-    monkeypatch.setattr(fedistill.simulation, "simulate_run", lambda cfg, console, **_: attacked_run)
+    monkeypatch.setattr(launch.simulation, "simulate_run", lambda cfg, console, **_: attacked_run)
     (attacked_run / "audit.json").unlink(missing_ok=True)
     result = runner.invoke(app, ["run", str(tmp_path / "config.toml")])
     assert result.exit_code == 0, result.output

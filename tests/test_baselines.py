@@ -20,11 +20,12 @@ from clients.app import load_partition
 from clients.fit import fit_partition
 from fedistill.config import ExperimentConfig, parse_config
 from fedistill.data import load_dataset
-from fedistill.messages import PROXIMAL_MU, ROUND, TASK, state_to_record
 from fedistill.models import build_model
 from fedistill.training import evaluate_model
 from server.baselines import by_partition, run_baseline
-from server.federation import NotEnoughClients, fresh_model
+from server.rounds import NotEnoughClients
+from server.state import fresh_model
+from wire.messages import PROXIMAL_MU, ROUND, TASK, state_to_record
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedistill.cli import app, parse_value
 from fedistill.config import load_config
 from fedistill.synthetic import SyntheticSet
+from launch.cli import app, parse_value
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke-digits.toml"
@@ -79,12 +79,12 @@ def test_run_stands_the_set_beside_its_start_alone_and_random_real_images(tmp_pa
     the in-process grid of the protocol tests rather than Ray (three Ray
     launches would take minutes on CI's two cores).
     """
-    import fedistill.simulation
+    import launch.simulation
     from server.app import run_protocol
     from tests.fedgrid import LocalGrid, fake_task_identity
 
     fake_task_identity(monkeypatch)
-    monkeypatch.setattr(fedistill.simulation, "simulate_run", lambda cfg, console, **_: run_protocol(
+    monkeypatch.setattr(launch.simulation, "simulate_run", lambda cfg, console, **_: run_protocol(
         LocalGrid(cfg, cfg.partition.num_clients), cfg, console))
     experiment = tmp_path / "experiment.toml"
     experiment.write_text(
@@ -112,12 +112,12 @@ def test_run_stands_the_set_beside_its_start_alone_and_random_real_images(tmp_pa
 def test_a_privacy_target_no_noise_can_meet_is_refused_in_one_line(command: str, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Target 0.1 is below what the count release alone spends: one line, the key and the floor, nothing run."""
-    import fedistill.simulation
+    import launch.simulation
 
     def no_run(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the simulation started")
 
-    monkeypatch.setattr(fedistill.simulation, "simulate_run", no_run)
+    monkeypatch.setattr(launch.simulation, "simulate_run", no_run)
     args = [command, str(REPO / "configs" / "fed-dp-dm.toml"), "--set", "data.name=digits",
             "--set", "privacy.target_epsilon=0.1", "--set", f"output_dir={tmp_path}"]
     result = runner.invoke(app, args)
@@ -170,7 +170,7 @@ def test_help_works_as_script_and_module() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "distill" in result.stdout and "data" in result.stdout
     module = subprocess.run(
-        [sys.executable, "-m", "fedistill", "distill", "--help"], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "launch", "distill", "--help"], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert module.returncode == 0, module.stderr
     assert "--set" in module.stdout and "--eval-epochs" in module.stdout

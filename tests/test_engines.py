@@ -2,7 +2,7 @@
 
 The Deployment Engine test starts a real SuperLink and three SuperNodes on
 loopback and submits the app with ``flwr run`` as a user would; the simulation
-test runs ``fedistill.simulation.simulate`` (Ray) in this process. Both read the
+test runs ``launch.simulation.simulate`` (Ray) in this process. Both read the
 run directory the ServerApp wrote, because ``flwr run`` exits 0 even when the
 run fails. Everything is local: sklearn's bundled digits, no downloads, CPU is enough.
 """
@@ -99,7 +99,7 @@ def test_deployment_engine_on_loopback(loopback: Deployment, tmp_path: Path) -> 
 @pytest.fixture
 def offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``configure_offline_env`` sets, registered with monkeypatch so it is undone after the test."""
-    from fedistill.simulation import OFFLINE_ENV
+    from launch.simulation import OFFLINE_ENV
 
     for key, value in OFFLINE_ENV.items():
         monkeypatch.setenv(key, os.environ.get(key, value))
@@ -107,7 +107,7 @@ def offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_simulation_engine_end_to_end(tmp_path: Path, offline_env: None) -> None:
     """``simulate`` with the factory-built ServerApp: Ray actors run the ClientApp, the run directory is complete."""
-    from fedistill.simulation import simulate
+    from launch.simulation import simulate
     from server.app import make_server_app
 
     config = tiny_config(tmp_path / "runs")
@@ -119,8 +119,8 @@ def test_simulation_engine_end_to_end(tmp_path: Path, offline_env: None) -> None
 
 def test_simulation_raises_when_the_server_fails(tmp_path: Path, offline_env: None) -> None:
     """A ServerApp failure (here: four clients required, three simulated) surfaces as the exception itself."""
-    from fedistill.simulation import simulate_run
-    from server.federation import NotEnoughClients
+    from launch.simulation import simulate_run
+    from server.rounds import NotEnoughClients
 
     config = tiny_config(tmp_path / "runs", min_clients=NUM_NODES + 1, round_timeout_s=1.0)
     with pytest.raises(NotEnoughClients):
@@ -128,7 +128,7 @@ def test_simulation_raises_when_the_server_fails(tmp_path: Path, offline_env: No
 
 
 def test_simulate_refuses_a_node_count_other_than_the_partition_count(tmp_path: Path) -> None:
-    from fedistill.simulation import simulate
+    from launch.simulation import simulate
 
     with pytest.raises(ValueError, match="partition.num_clients"):
         simulate(tiny_config(tmp_path), num_supernodes=NUM_NODES + 1)

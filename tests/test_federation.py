@@ -16,7 +16,9 @@ from clients.app import load_partition
 from fedistill.checkpoint import load_checkpoint
 from fedistill.config import ExperimentConfig, parse_config
 from fedistill.synthetic import SyntheticSet
-from server.federation import NotEnoughClients, run_distillation, train_messages
+from server.distillation import run_distillation
+from server.replies import train_messages
+from server.rounds import NotEnoughClients
 
 
 @pytest.fixture(autouse=True)

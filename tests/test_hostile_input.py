@@ -27,7 +27,7 @@ from hypothesis.extra import numpy as hnp
 from fedistill.budget import check_memory, estimate_memory
 from fedistill.config import ConfigError, parse_config
 from fedistill.data import dataset_info
-from server.federation import ReplyCollector
+from server.replies import ReplyCollector
 from server.validation import IMAGE_ABS_LIMIT, InvalidReply, ReplyLimits, array_to_numpy
 
 NUM_CLASSES = 3

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fedistill.cli import app
 from fedistill.config import ConfigError, ExperimentConfig, PartitionConfig, parse_config
 from fedistill.data import (
     PARTITION_SCHEMES,
@@ -24,6 +23,7 @@ from fedistill.data import (
     partition_dataset,
     plot_partition_counts,
 )
+from launch.cli import app
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLIENTS = 10

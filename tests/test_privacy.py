@@ -39,11 +39,11 @@ from fedistill.privacy import (
     clipped_class_sums,
     compute_epsilon,
     mechanisms,
-    plan_privacy,
     release_class_counts,
 )
 from fedistill.privacy.dpsgd import dp_sgd
 from fedistill.privacy.empirical import epsilon_lower_bound
+from fedistill.privacy_plan import plan_privacy
 from fedistill.synthetic import SyntheticSet
 from server.validation import ReplyLimits, validate_set_arrays
 

@@ -26,13 +26,13 @@ import clients.private as client_private
 from fedistill.config import parse_config
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, get_distiller
-from fedistill.messages import experiment_record
 from fedistill.models import ModelSpec, build_model
 from fedistill.privacy import CLASS_COUNTS, GaussianMechanism, PrivacyLedger, PrivateData, compute_epsilon
 from fedistill.privacy.dpsgd import dp_sgd
 from fedistill.privacy.empirical import clopper_pearson, distinguish, epsilon_lower_bound
 from fedistill.privacy.mechanisms import release_class_counts
 from tests.fedgrid import fake_task_identity
+from wire.messages import experiment_record
 
 CPU = torch.device("cpu")
 DELTA = 1e-5

@@ -24,11 +24,12 @@ from fedistill.privacy import (
     calibrate_noise_multiplier,
     charge_unrecorded_rounds,
     compute_epsilon,
-    plan_privacy,
 )
+from fedistill.privacy_plan import plan_privacy
 from fedistill.synthetic import SyntheticSet
 from server.baselines import run_baseline
-from server.federation import RunControl, run_distillation
+from server.distillation import run_distillation
+from server.rounds import RunControl
 from tests.fedgrid import LocalGrid, fake_task_identity
 
 TARGET = 4.0
@@ -165,7 +166,7 @@ def test_private_multi_round_through_the_simulation_engine_keeps_ledgers_in_node
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`fedistill run`'s engine (Ray actors): each node's ledger persists in its Flower context between rounds."""
-    from fedistill.simulation import OFFLINE_ENV, simulate_run
+    from launch.simulation import OFFLINE_ENV, simulate_run
 
     for key, value in OFFLINE_ENV.items():
         monkeypatch.setenv(key, value)

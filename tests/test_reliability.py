@@ -29,10 +29,11 @@ import clients.app
 from fedistill.atomic import atomic_path, save_figure, save_tensors, write_bytes
 from fedistill.checkpoint import CheckpointError, load_checkpoint
 from fedistill.config import ExperimentConfig, parse_config
-from fedistill.messages import RESTORE_PREFIX
 from fedistill.synthetic import SyntheticSet
 from server.baselines import run_baseline
-from server.federation import NotEnoughClients, RunControl, run_distillation
+from server.distillation import run_distillation
+from server.rounds import NotEnoughClients, RunControl
+from wire.messages import RESTORE_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,7 +190,7 @@ def test_flwr_run_resumes_through_the_resume_app_key_and_only_the_same_experimen
 
     from fedistill.config import to_run_config
     from server.app import APP_KEYS, main
-    from server.federation import check_resumable
+    from server.state import check_resumable
 
     config = small_config(tmp_path, protocol="multi-round", rounds=2)
 
@@ -425,7 +426,7 @@ def write_experiment(path: Path, config: ExperimentConfig) -> Path:
 def test_cli_resume_refuses_what_would_change_the_run_and_configs_that_cannot_fit(tmp_path: Path) -> None:
     from test_cli import assert_one_error_line, runner
 
-    from fedistill.cli import app
+    from launch.cli import app
 
     experiment = write_experiment(tmp_path / "exp.toml", small_config(tmp_path / "runs"))
     run_dir = tmp_path / "runs" / "fed-x"
@@ -447,14 +448,14 @@ def test_cli_resume_refuses_what_would_change_the_run_and_configs_that_cannot_fi
 
 def test_ctrl_c_during_fedistill_run_leaves_a_resumable_directory(tmp_path: Path) -> None:
     """SIGINT to a real ``fedistill run`` (Flower simulation, Ray): exit 130, status interrupted, then resumable."""
-    from fedistill.simulation import OFFLINE_ENV
+    from launch.simulation import OFFLINE_ENV
 
     # Ray's actors can take minutes to start on a loaded 2-core machine; the round must not time out first.
     config = small_config(tmp_path / "runs", protocol="multi-round", rounds=3, round_timeout_s=300.0)
     experiment = write_experiment(tmp_path / "exp.toml", config)
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedistill", "run", str(experiment)],
+        [sys.executable, "-m", "launch", "run", str(experiment)],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedistill.synthetic import SyntheticSet
-from server.aggregation import (
+from fedistill.aggregation import (
     AggregateResult,
     AggregationContext,
     ClientSet,
@@ -19,6 +18,7 @@ from server.aggregation import (
     register_aggregator,
     soft_label,
 )
+from fedistill.synthetic import SyntheticSet
 from server.validation import InvalidReply
 
 NUM_CLASSES = 3

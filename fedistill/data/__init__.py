@@ -5,7 +5,6 @@ from fedistill.data.catalog import (
     DataError,
     DatasetInfo,
     ImageData,
-    dataset_info,
     denormalize,
     normalize,
 )
@@ -18,7 +17,7 @@ from fedistill.data.partition import (
     partition_dataset,
     plot_partition_counts,
 )
-from fedistill.data.sources import candidate_dirs, load_dataset
+from fedistill.data.sources import candidate_dirs, dataset_info, load_dataset
 
 __all__ = [
     "DATASETS",

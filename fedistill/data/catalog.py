@@ -8,7 +8,6 @@ results. Everything is in [0, 1] pixel units.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -132,15 +131,11 @@ def canonical_name(name: str) -> str:
     return _ALIASES[key]
 
 
-def dataset_info(name: str, npz_path: Path | None = None) -> DatasetInfo:
-    """Metadata of a dataset; for "npz" it is derived from the user's file (its train split)."""
+def builtin_info(name: str) -> DatasetInfo:
+    """Metadata of a built-in dataset; "npz" has none here, its metadata comes from the file (``dataset_info``)."""
     canon = canonical_name(name)
-    if canon == "npz":
-        if npz_path is None:
-            raise DataError("dataset 'npz' needs the path of the .npz file")
-        from fedistill.data.sources import load_dataset
-
-        return load_dataset("npz", "train", path=npz_path).info
+    if canon not in _BUILTIN:
+        raise DataError("dataset 'npz' needs the path of the .npz file")
     return _BUILTIN[canon]
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedistill.data.catalog import DataError, DatasetInfo, ImageData, canonical_name, dataset_info
+from fedistill.data.catalog import DataError, DatasetInfo, ImageData, builtin_info, canonical_name
 
 ENV_VAR = "FEDISTILL_DATA"
 # Where Debian's dataset-* packages install (dataset-fashion-mnist puts its
@@ -50,6 +50,15 @@ def user_cache_dir(name: str) -> Path:
     """Per-user download location, honouring XDG_CACHE_HOME like other Linux tools."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "fedistill" / canonical_name(name)
+
+
+def dataset_info(name: str, npz_path: Path | None = None) -> DatasetInfo:
+    """Metadata of a dataset; for "npz" it is derived from the user's file (its train split)."""
+    if canonical_name(name) == "npz":
+        if npz_path is None:
+            raise DataError("dataset 'npz' needs the path of the .npz file")
+        return load_dataset("npz", "train", path=npz_path).info
+    return builtin_info(name)
 
 
 def candidate_dirs(name: str, root: Path | None = None) -> list[Path]:
@@ -373,7 +382,7 @@ def _load_digits(split: Split) -> ImageData:
     images, labels = _digits_all()
     train_idx, test_idx = stratified_split(labels)
     idx = train_idx if split == "train" else test_idx
-    return ImageData(images[idx], labels[idx], dataset_info("digits"))
+    return ImageData(images[idx], labels[idx], builtin_info("digits"))
 
 
 # ------------------------------------------------------------------------ npz
@@ -525,7 +534,7 @@ def load_dataset(
     if canon == "digits":
         return _load_digits(split)
 
-    info = dataset_info(canon)
+    info = builtin_info(canon)
     if path is not None:
         searched = [Path(path).expanduser()]
     else:

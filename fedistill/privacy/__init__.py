@@ -13,6 +13,7 @@ from fedistill.privacy.accounting import (
     calibrate_noise_multiplier,
     compute_epsilon,
 )
+from fedistill.privacy.config import PrivacyConfig
 from fedistill.privacy.ledger import Access, PrivacyLedger
 from fedistill.privacy.mechanisms import (
     CLASS_COUNTS,
@@ -23,7 +24,7 @@ from fedistill.privacy.mechanisms import (
     poisson_sample,
     release_class_counts,
 )
-from fedistill.privacy.plan import DP_SGD, PrivacyPlan, plan_privacy
+from fedistill.privacy.plan import DP_SGD, PrivacyPlan
 from fedistill.privacy.session import (
     PrivateData,
     charge_unrecorded_rounds,
@@ -42,6 +43,7 @@ __all__ = [
     "BudgetTooSmall",
     "Epsilon",
     "GaussianMechanism",
+    "PrivacyConfig",
     "PrivacyLedger",
     "PrivacyPlan",
     "PrivateData",
@@ -54,7 +56,6 @@ __all__ = [
     "gaussian_noise",
     "new_ledger",
     "open_round",
-    "plan_privacy",
     "poisson_sample",
     "release_class_counts",
     "secret_generator",

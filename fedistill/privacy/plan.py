@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fedistill.privacy.accounting import BudgetTooSmall, Epsilon, calibrate_noise_multiplier, compute_epsilon
+from fedistill.privacy.config import PrivacyConfig
 from fedistill.privacy.ledger import Access
 from fedistill.privacy.mechanisms import CLASS_COUNTS
-
-if TYPE_CHECKING:
-    from fedistill.config import ExperimentConfig
 
 DP_SGD = "dp-sgd"
 
@@ -64,35 +61,14 @@ class PrivacyPlan:
         return compute_epsilon(self.history(), self.delta, self.accountant)
 
 
-def releases_per_round(config: ExperimentConfig) -> tuple[str, int]:
-    """(mechanism name, releases per round) of the experiment's private work on a client."""
-    if config.federation.protocol == "fedavg":
-        return DP_SGD, config.federation.local_epochs * dp_sgd_steps_per_epoch(config.privacy.sample_rate)
-    from fedistill.distill import get_distiller
-
-    method = get_distiller(config.distill.method)
-    if not method.private:
-        raise ValueError(f"distill.method: {config.distill.method!r} is not a private method")
-    return config.distill.method, method.releases(config.distill.settings(config.data.name))
-
-
 def dp_sgd_steps_per_epoch(sample_rate: float) -> int:
     """DP-SGD steps per epoch, ``int(1 / q)`` as Opacus' Poisson sampler counts them (independent of the data size)."""
     return max(1, int(1 / sample_rate))
 
 
-def plan_privacy(config: ExperimentConfig) -> PrivacyPlan:
-    """The plan of ``config`` (which must have ``privacy.enabled``); calibration is cached per configuration."""
-    if not config.privacy.enabled:
-        raise ValueError("plan_privacy: privacy.enabled is false")
-    mechanism, steps = releases_per_round(config)
-    return _plan(config.privacy.model_dump_json(), mechanism, steps, config.federation.rounds)
-
-
 @functools.lru_cache(maxsize=64)
-def _plan(privacy_json: str, mechanism: str, steps: int, rounds: int) -> PrivacyPlan:
-    from fedistill.config import PrivacyConfig
-
+def calibrated_plan(privacy_json: str, mechanism: str, steps: int, rounds: int) -> PrivacyPlan:
+    """The plan of ``rounds`` rounds of ``steps`` releases each under the privacy section (given as JSON, to cache)."""
     privacy = PrivacyConfig.model_validate_json(privacy_json)
     sigma = privacy.noise_multiplier
     if steps * rounds == 0:

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from fedistill.privacy.config import PrivacyConfig
 from fedistill.privacy.ledger import Access, PrivacyLedger
 from fedistill.privacy.mechanisms import CLASS_COUNTS, GaussianMechanism, poisson_sample, release_class_counts
 from fedistill.privacy.plan import PrivacyPlan
-
-if TYPE_CHECKING:
-    from fedistill.config import PrivacyConfig
 
 
 def secret_generator(privacy: PrivacyConfig, seed: int) -> torch.Generator:

@@ -164,9 +164,9 @@ def run(
         from fedistill.checkpoint import CheckpointError
         from fedistill.config import OPERATIONAL_KEYS, ConfigError, load_config
         from fedistill.data import dataset_info
-        from fedistill.privacy import plan_privacy
+        from fedistill.privacy_plan import plan_privacy
         from fedistill.runs import write_json
-        from fedistill.simulation import SimulationInterrupted, simulate_run
+        from launch.simulation import SimulationInterrupted, simulate_run
         from server.compare import (
             BASELINES,
             baseline_config,
@@ -177,7 +177,7 @@ def run(
             reference_rows,
             reference_table,
         )
-        from server.federation import NotEnoughClients
+        from server.rounds import NotEnoughClients
 
         overrides = parse_sets(set_ or [])
         if (config is None) == (resume is None):

@@ -4,7 +4,7 @@
 validated experiment object goes straight to the ServerApp. Flower's
 ``run_simulation`` hands the ServerApp an *empty* run config, so the ServerApp
 is built bound to the experiment (``server.app.make_server_app``); clients
-read the experiment from each train message (``fedistill.messages``), never
+read the experiment from each train message (``wire.messages``), never
 from their own run config.
 
 Virtual node ``i`` gets ``partition-id = i`` and ``num-partitions`` = the node
@@ -151,7 +151,7 @@ def simulate_run(
     from flwr.serverapp import Grid, ServerApp
 
     from server.app import run_protocol
-    from server.federation import RunControl
+    from server.rounds import RunControl
 
     run_dirs: list[Path] = []
     started: list[Path] = []

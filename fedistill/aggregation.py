@@ -1,11 +1,14 @@
-"""Aggregation rules: how the server turns the clients' synthetic sets into one.
+"""Aggregation rules: how the clients' synthetic sets of a round become one set.
 
-Each rule is a pure function ``rule(clients, context) -> AggregateResult`` behind
-a registry, so adding one touches this file (or one new module) and its test.
-The rules assume validated sets (``server.validation``) but recheck what they
-rely on across clients: one class count, one image shape, unique client ids.
-Clients are ordered by id before anything is concatenated, so the aggregate
-does not depend on the order in which replies happened to arrive.
+Each rule is a pure function ``rule(clients, context) -> AggregateResult``
+registered under its name with ``@register_aggregator``, so adding one is one
+function here (or in a module imported here) plus that decorator line; the
+config accepts every registered name. The rules live in the library, without
+Flower, so the server, the audit and the tests call the same code. They
+assume validated sets (``server.validation`` checks each reply) but recheck
+what they rely on across clients: one class count, one image shape, unique
+client ids. Clients are ordered by id before anything is concatenated, so the
+aggregate does not depend on the order in which replies happened to arrive.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedistill.errors import InvalidReply
 from fedistill.synthetic import SyntheticSet
-from server.validation import InvalidReply
 
 
 @dataclass(frozen=True)
