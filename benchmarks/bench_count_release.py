@@ -10,6 +10,11 @@ the gap that the release's own (epsilon, delta) allows,
 rates prove (Clopper-Pearson at 95 %). The release before the fix (class
 presence taken from the true counts) is measured the same way for comparison:
 its gap (about 0.51) allows no (epsilon, delta) with delta below it.
+
+``--dp-fed-partitions`` lists, for the DP benchmark's ten Fashion-MNIST
+clients (``benchmarks.bench_dp_fed``: the same partition and, with
+``privacy.reproducible``, the same noise), the classes whose released count
+the fix changes: the classes with few records that the old release kept.
 """
 
 from __future__ import annotations
@@ -61,11 +66,51 @@ def measure(trials: int, present_from_true_counts: bool) -> dict[str, float]:
     }
 
 
+def dp_fed_changes() -> list[dict[str, int]]:
+    """Per client of the DP benchmark, the classes whose released count differs between the old and the new rule."""
+    from benchmarks.bench_dp_fed import PRIVATE_TRAIN_IMAGES
+    from fedistill.config import parse_config
+    from fedistill.data import load_dataset, partition_dataset
+    from fedistill.privacy import secret_generator
+
+    config = parse_config({
+        "data": {"name": "fashion-mnist", "train_subset": PRIVATE_TRAIN_IMAGES},
+        "partition": {"scheme": "dirichlet", "num_clients": 10, "alpha": 0.5, "min_partition_size": 100},
+        "distill": {"method": "dp-dm", "init": "public"},
+        "privacy": {"enabled": True, "reproducible": True},
+    })
+    train = config.data.private_train(load_dataset("fashion-mnist", "train"))
+    part = config.partition
+    partitioning = partition_dataset(train.labels, 10, part.scheme, part.num_clients, alpha=part.alpha,
+                                     min_partition_size=part.min_partition_size, seed=config.seed)
+    changes = []
+    for client, rows in enumerate(partitioning.indices):
+        labels = train.labels[rows]
+        true = np.bincount(labels, minlength=10)
+        seed = config.seed * 1_000_003 + client * 1009 + 1  # the node's seed in round 1 (clients.app)
+        releases = [release_class_counts(labels, 10, PrivacyLedger(delta=DELTA), COUNT_NOISE,
+                                         secret_generator(config.privacy, seed), 1, sigmas)
+                    for sigmas in (PRESENCE_SIGMAS, 0.0)]
+        new, old = releases[0], np.where(true == 0, 0, releases[1])
+        changes += [{"client": client, "class": int(c), "records": int(true[c]), "old": int(old[c]), "new": int(new[c])}
+                    for c in np.flatnonzero(new != old)]
+    return changes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=20_000)
     parser.add_argument("--record", action="store_true", help=f"write benchmarks/results/{RECORD_ID}.json")
+    parser.add_argument("--dp-fed-partitions", action="store_true",
+                        help="list the DP benchmark's client classes whose released count the fix changes")
     args = parser.parse_args()
+    if args.dp_fed_partitions:
+        changes = dp_fed_changes()
+        for change in changes:
+            print(json.dumps(change))
+        images = sum(min(10, change["old"]) for change in changes)
+        print(f"{len(changes)} client classes now released as absent; the union loses {images} of their images")
+        return
     now = measure(args.trials, present_from_true_counts=False)
     before = measure(args.trials, present_from_true_counts=True)
     print(json.dumps({"release": now, "before_the_fix": before}, indent=2))
