@@ -16,6 +16,7 @@ privacy costs, and is labelled so.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -117,10 +118,10 @@ def reference_configs(config: ExperimentConfig) -> dict[str, ExperimentConfig]:
     values["attack"]["audit"] = False
     references = {}
     if get_distiller(config.distill.method).refines:
-        start = json.loads(json.dumps(values))
+        start = copy.deepcopy(values)
         start["distill"]["iterations"] = 0
         references[START_ALONE] = parse_config(start)
-    real = json.loads(json.dumps(values))
+    real = copy.deepcopy(values)
     real["distill"].update(method="random", init="real")
     real["privacy"]["enabled"] = False
     if real["federation"]["aggregation"] == "redistill":
