@@ -98,7 +98,7 @@ class AuditRun:
         return self.config.seed
 
     def settings(self, epochs: int | None = None) -> TrainSettings:
-        base = TrainSettings.from_config(self.config.eval, self.config.data.name)
+        base = self.config.eval.train_settings(self.config.data.name)
         if epochs is None:
             return base
         return TrainSettings(epochs, base.lr, base.momentum, base.weight_decay, base.batch_size, base.dsa_strategy)
@@ -261,7 +261,7 @@ def client_sets(run: AuditRun) -> list[ClientSet]:
     directory = run.run_dir / "clients" if (run.run_dir / "clients").is_dir() else (rounds[-1] if rounds else None)
     if directory is None:
         raise AuditError(f"{run.run_dir}: no client sets saved (clients/ or round-*/)")
-    sets = [ClientSet(path.stem, SyntheticSet.load(path)) for path in sorted(directory.glob("partition-*.safetensors"))]
+    sets = [ClientSet(path.stem, SyntheticSet.load(path).decoded()) for path in sorted(directory.glob("partition-*.safetensors"))]
     if not sets:
         raise AuditError(f"{directory}: no client sets (partition-*.safetensors)")
     return sets

@@ -230,7 +230,7 @@ def defend_sets(
     defense_cfg = config.attack.defense
     name = method or defense_cfg.method
     defense = DEFENSES.get(name)(defense_cfg.threshold)
-    base = TrainSettings.from_config(config.eval, config.data.name)
+    base = config.eval.train_settings(config.data.name)
     settings = TrainSettings(
         epochs=defense_cfg.reference_epochs, lr=base.lr, momentum=base.momentum,
         weight_decay=base.weight_decay, batch_size=base.batch_size, dsa_strategy=base.dsa_strategy,

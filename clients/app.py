@@ -236,7 +236,9 @@ def _distill_round(
         device,
         seed,
         global_state=None if global_record is None else record_to_state(global_record),
-        start=None if previous is None else SyntheticSet.from_arrays(_numpy(previous), data.info.num_classes),
+        start=None if previous is None else SyntheticSet.from_arrays(
+            _numpy(previous), data.info.num_classes, factor=config.distill.factor
+        ),
         privacy=privacy,
         on_iteration=on_iteration,
     )

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fedistill.errors import InvalidReply
 from fedistill.synthetic import SyntheticSet
@@ -207,6 +206,7 @@ def redistill(clients: Sequence[ClientSet], context: AggregationContext) -> Aggr
             merged.source_counts.copy(),
             result.soft_labels,
             provenance,
+            result.factor,
         )
     )
 
@@ -237,47 +237,3 @@ def merge_rounds(rounds: Sequence[AggregateResult], context: AggregationContext)
         per_class = torch.bincount(labels, minlength=context.num_classes).float()
         parts.append(1.0 / per_class[labels])
     return AggregateResult(merged, torch.cat(parts))
-
-
-def soft_label(
-    set: SyntheticSet, model: nn.Module, temperature: float = 1.0, batch_size: int = 256
-) -> SyntheticSet:
-    """A copy of ``set`` whose soft labels are ``softmax(model(images) / temperature)``.
-
-    Lets an aggregation with a global model replace the clients' hard labels by
-    the model's (tempered) beliefs. Runs in batches under inference mode with
-    the model in eval mode, and puts the model back in the mode it was in.
-    """
-    if not (temperature > 0 and np.isfinite(temperature)):
-        raise ValueError(f"soft_label: temperature must be positive and finite, got {temperature}")
-    if batch_size < 1:
-        raise ValueError(f"soft_label: batch_size must be >= 1, got {batch_size}")
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else set.images.device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            rows = [
-                torch.softmax(model(set.images[start : start + batch_size].to(device)).float() / temperature, dim=1)
-                for start in range(0, len(set), batch_size)
-            ]
-    finally:
-        model.train(was_training)
-    soft = (
-        torch.cat(rows).to(set.images.device)
-        if rows
-        else torch.zeros(0, set.num_classes, device=set.images.device)
-    )
-    if soft.shape != (len(set), set.num_classes):
-        raise ValueError(f"soft_label: model gives {tuple(soft.shape[1:])} outputs for {set.num_classes} classes")
-    provenance = dict(set.provenance)
-    provenance["soft_label_temperature"] = temperature
-    return SyntheticSet(
-        set.images.clone(),
-        set.labels.clone(),
-        set.num_classes,
-        np.array(set.source_counts, copy=True),
-        soft.clone(),
-        provenance,
-    )

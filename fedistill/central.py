@@ -35,7 +35,8 @@ from fedistill.references import Gains, random_real_like, start_alone
 from fedistill.report import plot_curve, save_class_grids
 from fedistill.runs import create_run_dir, save_config, write_json
 from fedistill.synthetic import SyntheticSet
-from fedistill.training import EVAL_SEED_OFFSET, EvalResult, TrainSettings, evaluate_set
+from fedistill.teacher import soft_label
+from fedistill.training import EVAL_SEED_OFFSET, EvalResult, evaluate_set
 
 
 def _progress_bar(console: Console, with_loss: bool) -> Progress:
@@ -103,13 +104,16 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
         plot_curve(xs, ys, "iteration", "distillation loss", run_dir / "distill_loss.png", f"{cfg.distill.method} loss")
     references: dict[str, SyntheticSet | None] = {}
     if cfg.eval.references:
+        teacher = {} if distiller.teacher is None else {"teacher": distiller.teacher}
         references["start"] = start_alone(type(distiller), cfg.model.spec(), distill_settings, device, images, labels,
-                                          info.num_classes, seed=cfg.seed, **private)
-        references["random_real"] = random_real_like(syn, images, labels,
-                                                      torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
+                                          info.num_classes, seed=cfg.seed, **private, **teacher)
+        random_real = random_real_like(syn, images, labels, torch.Generator().manual_seed(cfg.seed + EVAL_SEED_OFFSET))
+        if distiller.teacher is not None and syn.soft_labels is not None:
+            random_real = soft_label(random_real, distiller.teacher, distill_settings.temperature)
+        references["random_real"] = random_real
     del images, labels  # the evaluation never sees the training split; free its device memory
 
-    settings = TrainSettings.from_config(cfg.eval, cfg.data.name)
+    settings = cfg.eval.train_settings(cfg.data.name)
     eval_seed = cfg.seed + EVAL_SEED_OFFSET
     to_evaluate = {"set": syn, **{name: ref for name, ref in references.items() if ref is not None}}
     results: dict[str, EvalResult] = {}
@@ -143,6 +147,9 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
         "final_distill_loss": losses[-1] if losses else None,
         "eval_seed": eval_seed,
         "eval_dsa_strategy": settings.dsa_strategy,
+        "eval_protocol": settings.protocol,
+        "factor": syn.factor,
+        "decoded_images": len(syn) * syn.factor**2,
         "eval": result.to_dict(),
         "references": {name: results[name].to_dict() if name in results else None for name in references},
         "gains": None if gains is None else gains.to_dict(),
@@ -181,7 +188,8 @@ def _private_round(
 
 
 def _accuracy(result: EvalResult) -> str:
-    return f"{100 * result.mean:.2f} ± {100 * result.std:.2f} % over {result.num_nets} nets ({result.epochs} epochs)"
+    return (f"{100 * result.mean:.2f} ± {100 * result.std:.2f} % over {result.num_nets} nets "
+            f"({result.epochs} epochs, {result.protocol} protocol)")
 
 
 def _summary(metrics: dict[str, Any], results: dict[str, EvalResult], run_dir: Path, private: bool) -> Table:
@@ -190,7 +198,8 @@ def _summary(metrics: dict[str, Any], results: dict[str, EvalResult], run_dir: P
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("dataset / method", f"{metrics['dataset']} / {metrics['method']}")
-    table.add_row("set", f"{metrics['images']} images (ipc {metrics['ipc']}), {metrics['bytes']:,} bytes")
+    tiles = f" holding {metrics['decoded_images']} (factor {metrics['factor']})" if metrics["factor"] > 1 else ""
+    table.add_row("set", f"{metrics['images']} images{tiles} (ipc {metrics['ipc']}), {metrics['bytes']:,} bytes")
     table.add_row("distill time", f"{metrics['distill_seconds']:.1f} s on {metrics['device']}")
     table.add_row("test accuracy", _accuracy(results["set"]))
     if "start" in results:

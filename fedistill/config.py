@@ -27,6 +27,7 @@ from fedistill.data import ImageData, dataset_info
 from fedistill.distill import DistillSettings, available_methods, get_distiller
 from fedistill.models import ModelSpec
 from fedistill.privacy.config import PrivacyConfig
+from fedistill.training import SOFT_LABEL_KD, TrainSettings
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,14 @@ class DistillConfig(_Section):
     batch_train: int = Field(default=256, ge=1)
     real_precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
+    factor: int = Field(
+        default=1, ge=1, le=8, description="each stored image holds factor x factor smaller images (IDC multi-formation)"
+    )
+    labels: Literal["hard", "teacher"] = Field(
+        default="hard", description="'teacher': a network trained on the (client's) real data soft-labels the set"
+    )
+    teacher_epochs: int = Field(default=5, ge=1, description="epochs of the teacher on the real data")
+    temperature: float = Field(default=4.0, gt=0, description="softmax temperature of the teacher's soft labels")
 
     @field_validator("method")
     @classmethod
@@ -151,6 +160,11 @@ class EvalConfig(_Section):
     )
     dsa: bool = False
     dsa_strategy: str | None = None
+    protocol: Literal["hard-label", "soft-label-kd"] = Field(
+        default="hard-label",
+        description="train on class labels, or distil from the set's soft labels (the decoupled methods' protocol)",
+    )
+    kd_temperature: float = Field(default=4.0, gt=0, description="soft-label-kd: temperature of the student")
 
     @field_validator("dsa_strategy")
     @classmethod
@@ -158,6 +172,19 @@ class EvalConfig(_Section):
         if value is not None:
             parse_strategy(value)
         return value
+
+    def train_settings(self, dataset: str) -> TrainSettings:
+        """The training this section describes; with ``dsa`` on and no strategy, ``dataset``'s DSA default."""
+        strategy = (self.dsa_strategy or default_strategy(dataset)) if self.dsa else None
+        return TrainSettings(
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            dsa_strategy=strategy,
+            kd_temperature=self.kd_temperature if self.protocol == SOFT_LABEL_KD else None,
+        )
 
 
 PROTOCOLS = ("one-shot", "multi-round", "fedavg", "fedprox")
@@ -308,6 +335,39 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "data.name 'npz' normalises with statistics of the private training split; "
                 "allowed with privacy: fashion-mnist, mnist, cifar10, digits"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> ExperimentConfig:
+        """Soft labels come from somewhere, are evaluated only under their own protocol, and never leak."""
+        soft = self.distill.labels == "teacher" or self.federation.soft_labels
+        if self.eval.protocol == "soft-label-kd" and not soft:
+            raise ValueError(
+                "eval.protocol 'soft-label-kd' needs soft labels: set distill.labels = 'teacher' "
+                "(or federation.soft_labels = true)"
+            )
+        if soft and self.eval.protocol != "soft-label-kd":
+            key = "distill.labels 'teacher'" if self.distill.labels == "teacher" else "federation.soft_labels"
+            raise ValueError(
+                f"{key} makes soft labels, which the hard-label protocol ignores; set eval.protocol = 'soft-label-kd'"
+            )
+        if self.privacy.enabled and self.distill.labels == "teacher":
+            raise ValueError(
+                "distill.labels 'teacher' trains a teacher on private data without noise; allowed with privacy: hard"
+            )
+        if self.distill.factor > 1 and self.data.name != "npz":
+            info = dataset_info(self.data.name)
+            if info.height % self.distill.factor or info.width % self.distill.factor:
+                raise ValueError(
+                    f"distill.factor: {self.distill.factor} does not divide {info.name}'s "
+                    f"{info.height}x{info.width} images"
+                )
+        if self.distill.factor > 1 and not get_distiller(self.distill.method).factorised:
+            factorised = ", ".join(m for m in available_methods() if get_distiller(m).factorised)
+            raise ValueError(
+                f"distill.factor: method {self.distill.method!r} stores whole images; allowed with factor > 1: "
+                f"{factorised}"
             )
         return self
 

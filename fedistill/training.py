@@ -7,6 +7,12 @@ learning rate divided by 10 halfway, optional per-sample DSA augmentation, and
 a mean +- std over several independently initialised networks. The test split
 only produces the reported number; nothing (epoch, network, set) is selected
 on it.
+
+Two protocols, never mixed in one table: ``hard-label`` (the papers' DC/DSA/DM
+protocol: cross-entropy on the set's class labels; soft labels a set carries
+are ignored) and ``soft-label-kd`` (the decoupled methods' protocol: knowledge
+distillation from the set's stored soft labels at temperature ``T``, loss
+``T**2 * KL(soft || softmax(logits / T))``). Every result names its protocol.
 """
 
 from __future__ import annotations
@@ -14,21 +20,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedistill.augment import SiameseAugment, default_strategy, parse_strategy
+from fedistill.augment import SiameseAugment, parse_strategy
 from fedistill.models import ModelSpec, build_model
 from fedistill.synthetic import SyntheticSet
 
-if TYPE_CHECKING:
-    from fedistill.config import EvalConfig
-
 LR_DECAY = 0.1
+
+HARD_LABEL = "hard-label"
+SOFT_LABEL_KD = "soft-label-kd"
+PROTOCOLS = (HARD_LABEL, SOFT_LABEL_KD)
 
 EVAL_SEED_OFFSET = 1_000_003
 """Evaluation networks are seeded from ``seed + EVAL_SEED_OFFSET``: a distiller that seeds its own
@@ -42,6 +49,7 @@ class TrainSettings:
     ``dsa_strategy`` names the augmentation ops applied per sample to every
     batch (``None``: no augmentation). The protocol pairs augmentation with
     1000 epochs instead of 300; that choice belongs to the config.
+    ``kd_temperature`` selects the soft-label protocol (``None``: hard labels).
     """
 
     epochs: int = 300
@@ -50,8 +58,11 @@ class TrainSettings:
     weight_decay: float = 5e-4
     batch_size: int = 256
     dsa_strategy: str | None = None
+    kd_temperature: float | None = None
 
     def __post_init__(self) -> None:
+        if self.kd_temperature is not None and not self.kd_temperature > 0:
+            raise ValueError(f"eval.kd_temperature: must be > 0, got {self.kd_temperature}")
         if self.epochs < 1:
             raise ValueError(f"train: epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -61,18 +72,19 @@ class TrainSettings:
         if self.dsa_strategy is not None:
             parse_strategy(self.dsa_strategy)
 
-    @classmethod
-    def from_config(cls, eval_cfg: EvalConfig, dataset: str) -> TrainSettings:
-        """Settings of the ``[eval]`` section; with ``dsa`` on and no strategy, the dataset's DSA default."""
-        strategy = (eval_cfg.dsa_strategy or default_strategy(dataset)) if eval_cfg.dsa else None
-        return cls(
-            epochs=eval_cfg.epochs,
-            lr=eval_cfg.lr,
-            momentum=eval_cfg.momentum,
-            weight_decay=eval_cfg.weight_decay,
-            batch_size=eval_cfg.batch_size,
-            dsa_strategy=strategy,
-        )
+    @property
+    def protocol(self) -> str:
+        return HARD_LABEL if self.kd_temperature is None else SOFT_LABEL_KD
+
+    def targets(self, syn: SyntheticSet) -> torch.Tensor | None:
+        """The soft labels this protocol trains ``syn`` on: none under hard labels; required under KD."""
+        if self.kd_temperature is None:
+            return None
+        if syn.soft_labels is None:
+            raise ValueError(
+                "eval.protocol 'soft-label-kd': the set has no soft labels (distill.labels = 'teacher' gives them)"
+            )
+        return syn.soft_labels
 
     @property
     def decay_epoch(self) -> int:
@@ -93,8 +105,9 @@ def train_model(
 
     Shuffling and augmentation draws come from ``generator`` only, so a run is
     repeatable from its seed. With ``soft_labels`` (one distribution per image)
-    the loss is the cross-entropy against them and ``labels`` are not used for
-    the loss. The loop never reads values back to the host, which would stall
+    the loss is knowledge distillation from them at ``settings.kd_temperature``
+    (1 when unset; at 1 its gradient is the cross-entropy's) and ``labels`` are
+    not used for the loss. The loop never reads values back to the host, which would stall
     an accelerator once per step.
     """
     count = int(images.shape[0])
@@ -105,6 +118,7 @@ def train_model(
     if soft_labels is not None and soft_labels.shape[0] != count:
         raise ValueError(f"train: soft_labels has {soft_labels.shape[0]} rows for {count} images")
     targets = labels if soft_labels is None else soft_labels
+    temperature = settings.kd_temperature or 1.0
     if sample_weights is not None:
         if sample_weights.shape != (count,) or not torch.isfinite(sample_weights).all() or (sample_weights < 0).any():
             raise ValueError("train: sample_weights must be one finite, non-negative weight per image")
@@ -124,14 +138,21 @@ def train_model(
             inputs = images[batch]
             if augment is not None:
                 inputs = augment(inputs, generator, siamese=False)
-            if sample_weights is None:
-                loss = F.cross_entropy(model(inputs), targets[batch])
+            if soft_labels is None:
+                per_image = F.cross_entropy(model(inputs), targets[batch], reduction="none")
             else:
-                loss = (F.cross_entropy(model(inputs), targets[batch], reduction="none") * sample_weights[batch]).mean()
+                per_image = distillation_loss(model(inputs), targets[batch], temperature)
+            loss = per_image.mean() if sample_weights is None else (per_image * sample_weights[batch]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     return model
+
+
+def distillation_loss(logits: torch.Tensor, soft: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-image ``T**2 * KL(soft || softmax(logits / T))`` (Hinton et al.): the KD loss of the soft-label protocol."""
+    log_student = F.log_softmax(logits / temperature, dim=1)
+    return temperature**2 * F.kl_div(log_student, soft, reduction="none").sum(dim=1)
 
 
 def evaluate_model(
@@ -177,6 +198,7 @@ class EvalResult:
     num_nets: int
     epochs: int
     seconds: float
+    protocol: str = HARD_LABEL
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,13 +222,15 @@ def evaluate_set(
     Network ``i`` is initialised and trained from seed ``seed + i`` (its own
     generator; the global RNG state is left as it was), so networks differ from
     each other but a run repeats exactly. Soft labels of the set are used when
-    present. ``sample_weights`` (one per image, e.g. from class-weighted
+    present and the protocol is ``soft-label-kd``; a factorised set trains on its
+    decoded images. ``sample_weights`` (one per image, e.g. from class-weighted
     aggregation) scale each image's loss; they are rescaled to mean 1.
     ``progress(done, num_nets)`` is called after each network, ``on_model(index, model)``
     with each trained network (the federation keeps network 0 as its global model).
     """
     if len(syn) == 0:
         raise ValueError("evaluate: the synthetic set is empty; there is nothing to train on")
+    syn = syn.decoded()
     if num_nets < 1:
         raise ValueError(f"evaluate: num_nets must be >= 1, got {num_nets}")
     if tuple(test_images.shape[1:]) != tuple(syn.images.shape[1:]):
@@ -227,7 +251,7 @@ def evaluate_set(
         model.to(device)
         generator = torch.Generator().manual_seed(net_seed)
         weights = None if sample_weights is None else sample_weights.to(device)
-        train_model(model, on_device.images, on_device.labels, settings, generator, on_device.soft_labels, weights)
+        train_model(model, on_device.images, on_device.labels, settings, generator, settings.targets(on_device), weights)
         accuracy, _ = evaluate_model(model, test_x, test_y)
         accuracies.append(accuracy)
         if on_model is not None:
@@ -242,4 +266,5 @@ def evaluate_set(
         num_nets=num_nets,
         epochs=settings.epochs,
         seconds=time.perf_counter() - started,
+        protocol=settings.protocol,
     )

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attacks.defenses import aggregate_round
-from fedistill.aggregation import AggregateResult, AggregationContext, merge_rounds, soft_label
+from fedistill.aggregation import AggregateResult, AggregationContext, ClientSet, merge_rounds
 from fedistill.atomic import save_tensors
 from fedistill.checkpoint import save_checkpoint
 from fedistill.config import ExperimentConfig
@@ -38,7 +38,8 @@ from fedistill.data import ImageData, load_dataset
 from fedistill.device import pick_device
 from fedistill.report import save_class_grids
 from fedistill.runs import create_run_dir, save_config
-from fedistill.training import EVAL_SEED_OFFSET, TrainSettings, evaluate_model, evaluate_set, train_model
+from fedistill.teacher import soft_label
+from fedistill.training import EVAL_SEED_OFFSET, evaluate_model, evaluate_set, train_model
 from server.history import RoundRecord, RunHistory, write_history
 from server.privacy import PrivacyRecorder
 from server.replies import ReplyCollector, reply_limits, train_messages
@@ -84,7 +85,7 @@ class DistillationRun:
         self.test_x = test.normalized(device)
         self.test_y = torch.from_numpy(test.labels).to(device)
         self.limits = reply_limits(config, test)
-        self.settings = TrainSettings.from_config(config.eval, config.data.name)
+        self.settings = config.eval.train_settings(config.data.name)
         self.policy = WaitPolicy.from_config(config)
         self.num_partitions = config.partition.num_clients
         self.node_partition: dict[int, int] = {}
@@ -192,7 +193,10 @@ class DistillationRun:
         round_dir.mkdir(exist_ok=True)
         for client in outcome.accepted:
             client.set.save(round_dir / f"{client.client_id}.safetensors")
-        aggregate, defense = aggregate_round(outcome.accepted, config, self.test, self.device)
+        decoded = [ClientSet(client.client_id, client.set.decoded()) for client in outcome.accepted]
+        aggregate, defense = aggregate_round(decoded, config, self.test, self.device)
+        if aggregate.set.factor != 1:  # a server-side redistillation made a factorised set
+            aggregate = AggregateResult(aggregate.set.decoded(), aggregate.weights)
         if defense is not None:
             state.defense.append({"round": server_round, **defense})
         window = [*state.earlier, aggregate]
@@ -200,7 +204,7 @@ class DistillationRun:
             if len(window) > 1 else aggregate
         aggregate_set = training.set
         if federation.soft_labels and state.global_model is not None:
-            aggregate_set = soft_label(aggregate_set, state.global_model)
+            aggregate_set = soft_label(aggregate_set, state.global_model, config.distill.temperature)
         aggregate_set.save(self.run_dir / "aggregate.safetensors")
         seed = config.seed + EVAL_SEED_OFFSET
         if federation.protocol == "one-shot":
@@ -220,7 +224,7 @@ class DistillationRun:
             weights = training.weights
             on_device = aggregate_set.to(self.device)
             train_model(state.global_model, on_device.images, on_device.labels, self.settings, generator,
-                        on_device.soft_labels, None if weights is None else weights.to(self.device))
+                        self.settings.targets(on_device), None if weights is None else weights.to(self.device))
             accuracy, loss = evaluate_model(state.global_model, self.test_x, self.test_y)
         for client in outcome.accepted:
             partition = int(client.client_id.removeprefix("partition-"))

@@ -226,4 +226,5 @@ def reply_limits(config: ExperimentConfig, test: ImageData) -> ReplyLimits:
         max_images=config.distill.ipc * info.num_classes,
         max_bytes=int(config.federation.max_reply_mb * 2**20),
         max_per_class=config.distill.ipc,
+        factor=config.distill.factor,
     )

@@ -209,6 +209,7 @@ class ReplyLimits:
     max_images: int
     max_bytes: int
     max_per_class: int | None = None
+    factor: int = 1
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -219,6 +220,8 @@ class ReplyLimits:
             raise ValueError("ReplyLimits: max_images and max_bytes must be >= 0")
         if self.max_per_class is not None and self.max_per_class < 0:
             raise ValueError("ReplyLimits: max_per_class must be >= 0")
+        if self.factor < 1 or any(int(side) % self.factor for side in self.image_shape[1:]):
+            raise ValueError(f"ReplyLimits: factor {self.factor} must be >= 1 and divide the image size")
 
 
 def validate_set_arrays(
@@ -231,7 +234,8 @@ def validate_set_arrays(
     arrays
         ``images`` (float32, ``(n, *image_shape)``), ``labels`` (int64, ``(n,)``),
         ``source_counts`` (int64, ``(num_classes,)``) and optionally
-        ``soft_labels`` (float32, ``(n, num_classes)``). Only plain ``np.ndarray``
+        ``soft_labels`` (float32, ``(n * factor**2, num_classes)``: one row per
+        decoded image of a factorised set). Only plain ``np.ndarray``
         values are accepted: subclasses such as masked arrays can hide values
         from the checks.
     limits
@@ -267,6 +271,7 @@ def validate_set_arrays(
         num_classes=limits.num_classes,
         source_counts=np.array(arrays["source_counts"], copy=True),
         soft_labels=None if soft is None else torch.from_numpy(np.array(soft, copy=True)),
+        factor=limits.factor,
     )
 
 
@@ -298,7 +303,7 @@ def _check_shapes(arrays: Mapping[str, np.ndarray], limits: ReplyLimits) -> int:
     expected = {
         "labels": (n,),
         "source_counts": (limits.num_classes,),
-        "soft_labels": (n, limits.num_classes),
+        "soft_labels": (n * limits.factor**2, limits.num_classes),
     }
     for key, shape in expected.items():
         if key in arrays and tuple(arrays[key].shape) != shape:

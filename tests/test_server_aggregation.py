@@ -16,9 +16,9 @@ from fedistill.aggregation import (
     get_aggregator,
     merge_rounds,
     register_aggregator,
-    soft_label,
 )
 from fedistill.synthetic import SyntheticSet
+from fedistill.teacher import soft_label
 from server.validation import InvalidReply
 
 NUM_CLASSES = 3

@@ -73,11 +73,11 @@ def test_lr_drops_tenfold_at_half(monkeypatch: pytest.MonkeyPatch, epochs: int, 
 
 
 def test_settings_from_config_follow_eval_section() -> None:
-    plain = TrainSettings.from_config(EvalConfig(epochs=7, lr=0.1, batch_size=32), "digits")
+    plain = EvalConfig(epochs=7, lr=0.1, batch_size=32).train_settings("digits")
     assert (plain.epochs, plain.lr, plain.batch_size, plain.dsa_strategy) == (7, 0.1, 32, None)
-    assert TrainSettings.from_config(EvalConfig(dsa=True), "digits").dsa_strategy == "color_crop_cutout_scale_rotate"
-    assert "flip" in (TrainSettings.from_config(EvalConfig(dsa=True), "fashion-mnist").dsa_strategy or "")
-    chosen = TrainSettings.from_config(EvalConfig(dsa=True, dsa_strategy="crop_rotate"), "digits")
+    assert EvalConfig(dsa=True).train_settings("digits").dsa_strategy == "color_crop_cutout_scale_rotate"
+    assert "flip" in (EvalConfig(dsa=True).train_settings("fashion-mnist").dsa_strategy or "")
+    chosen = EvalConfig(dsa=True, dsa_strategy="crop_rotate").train_settings("digits")
     assert chosen.dsa_strategy == "crop_rotate"
     with pytest.raises(ValueError, match="unknown op"):
         TrainSettings(dsa_strategy="crop_blur")
@@ -126,7 +126,8 @@ def test_evaluate_set_reports_each_net(monkeypatch: pytest.MonkeyPatch, digits: 
     assert result.std == pytest.approx(np.std(result.accuracies))
     assert result.epochs == 3 and result.seconds > 0
     assert not torch.equal(initial[0], initial[1]) and not torch.equal(initial[1], initial[2])
-    assert set(result.to_dict()) == {"accuracies", "mean", "std", "num_nets", "epochs", "seconds"}
+    assert set(result.to_dict()) == {"accuracies", "mean", "std", "num_nets", "epochs", "seconds", "protocol"}
+    assert result.protocol == "hard-label"
 
     again = evaluate_set(syn, digits["test_x"], digits["test_y"], SMALL_CONV, settings, CPU, seed=3, num_nets=3)
     assert again.accuracies == result.accuracies
@@ -143,6 +144,17 @@ def test_soft_one_hot_labels_train_like_hard_labels() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_distillation_loss_is_tempered_kl() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    soft = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    temperature = 3.0
+    student = torch.softmax(logits / temperature, dim=1)
+    expected = temperature**2 * (soft * (soft.log() - student.log())).sum(dim=1)
+    torch.testing.assert_close(training.distillation_loss(logits, soft, temperature), expected)
+    matched = torch.softmax(logits / temperature, dim=1)
+    assert training.distillation_loss(logits, matched, temperature).abs().max() < 1e-5
+
+
 def test_soft_labels_of_a_set_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     received: list[torch.Tensor | None] = []
     real_train = training.train_model
@@ -156,9 +168,15 @@ def test_soft_labels_of_a_set_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     soft = torch.full((6, 3), 1.0 / 3)
     syn = SyntheticSet(images, labels, 3, np.full(3, 2, dtype=np.int64), soft_labels=soft)
     test_x, test_y = random_data(9, seed=1)
-    result = evaluate_set(syn, test_x, test_y, SMALL_CONV, TrainSettings(epochs=2, batch_size=4), CPU, 0, 1)
-    assert len(result.accuracies) == 1
+    kd = TrainSettings(epochs=2, batch_size=4, kd_temperature=2.0)
+    result = evaluate_set(syn, test_x, test_y, SMALL_CONV, kd, CPU, 0, 1)
+    assert len(result.accuracies) == 1 and result.protocol == "soft-label-kd"
     assert received[0] is not None and torch.equal(received[0], soft)
+    hard = evaluate_set(syn, test_x, test_y, SMALL_CONV, TrainSettings(epochs=2, batch_size=4), CPU, 0, 1)
+    assert received[1] is None and hard.protocol == "hard-label"  # the hard-label protocol never sees soft labels
+    plain = SyntheticSet(images, labels, 3, np.full(3, 2, dtype=np.int64))
+    with pytest.raises(ValueError, match="soft-label-kd.*no soft labels"):
+        evaluate_set(plain, test_x, test_y, SMALL_CONV, kd, CPU, 0, 1)
 
 
 def test_augmented_training_is_repeatable() -> None:

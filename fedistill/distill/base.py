@@ -13,7 +13,8 @@ from torch import nn
 
 from fedistill.distill.embedding import random_network
 from fedistill.models import ModelSpec
-from fedistill.synthetic import SyntheticSet
+from fedistill.synthetic import SyntheticSet, check_factor, encode
+from fedistill.teacher import soft_label, train_teacher
 
 ProgressFn = Callable[[int, int, float], None]
 """Called as ``progress(iteration, total, loss)`` during long distillations."""
@@ -38,6 +39,9 @@ class DistillSettings:
     ``real_precision`` is the dtype of the no-grad forward pass over real images:
     ``fp32``, ``bf16``, or ``auto`` (bf16 where the hardware has fast bf16 matmuls).
     ``compile`` (``auto``/``on``/``off``) compiles DM's forward passes; ``auto`` does so for long runs.
+    ``factor`` > 1 stores ``factor**2`` smaller images in each image (methods with ``factorised``).
+    ``labels = "teacher"`` soft-labels the result with a network trained ``teacher_epochs`` epochs on the
+    real images, at softmax ``temperature``.
     """
 
     ipc: int = 10
@@ -53,6 +57,10 @@ class DistillSettings:
     batch_train: int = 256
     real_precision: str = "auto"
     compile: str = "auto"
+    factor: int = 1
+    labels: str = "hard"
+    teacher_epochs: int = 5
+    temperature: float = 4.0
 
 
 class Distiller(ABC):
@@ -69,6 +77,8 @@ class Distiller(ABC):
     """Whether the method optimises images (and so can continue from a ``start`` set); coresets select instead."""
     private: ClassVar[bool] = False
     """Whether the method reads the data only through DP mechanisms (``distill.private.PrivateDistiller``)."""
+    factorised: ClassVar[bool] = False
+    """Whether the method can store ``settings.factor**2`` smaller images per image."""
 
     def __init__(
         self,
@@ -78,20 +88,39 @@ class Distiller(ABC):
         networks: NetworkSource | None = None,
         start: SyntheticSet | None = None,
         on_iteration: IterationHook | None = None,
+        teacher: nn.Module | None = None,
     ) -> None:
         """``networks`` replaces the random matching networks (FedDM: the perturbed global model);
         ``start`` continues from an earlier set of the same per-class sizes instead of ``settings.init``;
-        ``on_iteration`` is called before each iteration of methods that iterate (see ``IterationHook``)."""
+        ``on_iteration`` is called before each iteration of methods that iterate (see ``IterationHook``);
+        ``teacher`` is an already trained teacher for these images (else one is trained when needed)."""
         if start is not None and not self.refines:
             raise ValueError(f"distill.method {self.name}: selects real images and cannot continue from a set")
         if on_iteration is not None and not self.refines:
             raise ValueError(f"distill.method {self.name}: selects real images once; there are no iterations to hook")
+        if settings.factor != 1 and not self.factorised:
+            raise ValueError(f"distill.factor: method {self.name} stores whole images; it needs factor 1")
+        if settings.labels not in ("hard", "teacher"):
+            raise ValueError(f"distill.labels: unknown value {settings.labels!r}; allowed: hard, teacher")
+        if settings.labels == "teacher" and self.private:
+            raise ValueError(f"distill.labels 'teacher': method {self.name} is private and a teacher reads raw data")
+        if start is not None and start.factor != settings.factor:
+            raise ValueError(f"start set has factor {start.factor}, distill.factor is {settings.factor}")
         self.model_spec = model_spec
         self.settings = settings
         self.device = device
         self.networks = networks
         self.start = start
         self.on_iteration = on_iteration
+        self.teacher = teacher
+
+    def teacher_for(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int) -> nn.Module:
+        """The teacher of these real images: the one given, else trained once and kept on this distiller."""
+        if self.teacher is None:
+            self.teacher = train_teacher(
+                images, labels, num_classes, self.model_spec, self.settings.teacher_epochs, seed
+            )
+        return self.teacher
 
     def before_iteration(
         self, iteration: int, images: torch.Tensor, labels: torch.Tensor, syn: torch.Tensor
@@ -117,7 +146,7 @@ class Distiller(ABC):
     ) -> torch.Tensor:
         """The images optimisation starts from: the ``start`` set when given, else ``settings.init``."""
         if self.start is None:
-            return initial_images(images, rows_per_class, budgets, self.settings.init, generator)
+            return initial_images(images, rows_per_class, budgets, self.settings.init, generator, self.settings.factor)
         return self.start_images(images.shape[1:], budgets).to(images.dtype)
 
     def start_images(self, image_shape: torch.Size | tuple[int, ...], budgets: np.ndarray) -> torch.Tensor:
@@ -154,10 +183,17 @@ class Distiller(ABC):
         progress: ProgressFn | None = None,
     ) -> SyntheticSet:
         generator = torch.Generator().manual_seed(seed)
-        result = self.distill(images.to(self.device), labels.to(self.device), num_classes, generator, progress)
+        images, labels = images.to(self.device), labels.to(self.device)
+        result = self.distill(images, labels, num_classes, generator, progress)
+        if self.settings.labels == "teacher" and len(result):
+            teacher = self.teacher_for(images, labels, num_classes, seed)
+            result = soft_label(result, teacher, self.settings.temperature)
         result.provenance.setdefault("method", self.name)
         result.provenance.setdefault("ipc", self.settings.ipc)
         result.provenance.setdefault("seed", seed)
+        result.provenance.setdefault("labels", self.settings.labels)
+        if self.settings.factor != 1:
+            result.provenance.setdefault("factor", self.settings.factor)
         return result
 
 
@@ -181,17 +217,27 @@ def initial_images(
     budgets: np.ndarray,
     init: str,
     generator: torch.Generator,
+    factor: int = 1,
 ) -> torch.Tensor:
-    """Starting synthetic images, class by class: random real images of the class, or Gaussian noise."""
+    """Starting synthetic images, class by class: random real images of the class, or Gaussian noise.
+
+    With ``factor`` > 1 each starting image tiles ``factor**2`` shrunk real
+    images of its class (IDC's initialisation); a class with fewer real images
+    than tiles repeats some.
+    """
     if init not in ("real", "noise"):
         raise ValueError(f"distill.init: unknown value {init!r}; allowed: real, noise")
+    check_factor(factor, tuple(images.shape[2:]))
+    tiles = factor * factor
     parts = []
     for rows, budget in zip(rows_per_class, budgets):
         if budget == 0:
             continue
         if init == "real":
-            picked = rows[torch.randperm(len(rows), generator=generator)[:budget].to(rows.device)]
-            parts.append(images[picked].detach().clone())
+            wanted = int(budget) * tiles
+            pool = rows.repeat(-(-wanted // len(rows))) if len(rows) < wanted else rows
+            picked = pool[torch.randperm(len(pool), generator=generator)[:wanted].to(rows.device)]
+            parts.append(encode(images[picked].detach().clone(), factor))
         else:
             noise = torch.randn((int(budget), *images.shape[1:]), generator=generator)
             parts.append(noise.to(images.device, images.dtype))

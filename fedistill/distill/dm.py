@@ -28,7 +28,7 @@ from fedistill.distill.base import (
     source_counts,
 )
 from fedistill.distill.embedding import Embedder, resolve_compile
-from fedistill.synthetic import SyntheticSet
+from fedistill.synthetic import SyntheticSet, decode
 
 DM_LR_IMAGES = 1.0
 DM_MOMENTUM = 0.5
@@ -36,7 +36,14 @@ DM_MOMENTUM = 0.5
 
 @register("dm")
 class DistributionMatching(Distiller):
-    """DM with optional DSA; ``settings.real_precision`` sets the real pass's dtype."""
+    """DM with optional DSA; ``settings.real_precision`` sets the real pass's dtype.
+
+    With ``settings.factor`` > 1 the stored images are decoded (``synthetic.decode``)
+    before each embedding, so every tile is matched as an image of its class
+    and the gradient flows back into the stored pixels (IDC's multi-formation).
+    """
+
+    factorised = True
 
     def distill(
         self,
@@ -57,17 +64,19 @@ class DistributionMatching(Distiller):
         )
         optimizer = torch.optim.SGD([syn], lr=settings.lr_images or DM_LR_IMAGES, momentum=DM_MOMENTUM)
         augment = SiameseAugment(settings.dsa_strategy) if settings.dsa else None
-        syn_offsets = np.concatenate([[0], np.cumsum(budgets)])
+        tiles = settings.factor**2
+        syn_offsets = np.concatenate([[0], np.cumsum(budgets)]) * tiles
         compiled = resolve_compile(settings.compile, settings.iterations, self.device)
         if self.model_spec.arch == "convnet" and self.model_spec.norm == "batchnorm":
             raise ValueError("distill.method dm: model.norm must not be batchnorm (DM needs per-image features)")
         for iteration in range(settings.iterations):
             self.before_iteration(iteration, images, labels, syn)
             net = self.network(images.shape[1:], num_classes, generator)
+            decoded = decode(syn, settings.factor)
             real_parts, syn_parts, real_sizes = [], [], []
             for cls in present:
                 real = images[sample_rows(rows_per_class[cls], settings.batch_real, generator)]
-                mine = syn[syn_offsets[cls] : syn_offsets[cls + 1]]
+                mine = decoded[syn_offsets[cls] : syn_offsets[cls + 1]]
                 if augment is not None:
                     params = augment.sample(1, generator, self.device, siamese=True)
                     real, mine = augment.apply(real, params), augment.apply(mine, params)
@@ -96,4 +105,5 @@ class DistributionMatching(Distiller):
                 "dsa": settings.dsa,
                 "compiled": compiled,
             },
+            factor=settings.factor,
         )

@@ -27,7 +27,7 @@ from fedistill.distill.base import (
     sample_rows,
     source_counts,
 )
-from fedistill.synthetic import SyntheticSet
+from fedistill.synthetic import SyntheticSet, decode
 
 GM_LR_IMAGES = 0.1
 GM_MOMENTUM = 0.5
@@ -53,9 +53,14 @@ def gradient_distance(syn_grads: list[torch.Tensor], real_grads: list[torch.Tens
 
 
 class _GradientMatching(Distiller):
-    """Shared DC/DSA loop; subclasses only fix whether augmentation is used."""
+    """Shared DC/DSA loop; subclasses only fix whether augmentation is used.
+
+    With ``settings.factor`` > 1 the stored images are decoded before every use
+    (matching and the inner loop), IDC's multi-formation.
+    """
 
     use_dsa: bool
+    factorised = True
 
     def distill(
         self,
@@ -77,7 +82,9 @@ class _GradientMatching(Distiller):
         syn_labels = torch.repeat_interleave(
             torch.arange(num_classes, device=images.device), torch.from_numpy(budgets).to(images.device)
         )
-        offsets = np.concatenate([[0], np.cumsum(budgets)])
+        tiles = settings.factor**2
+        decoded_labels = torch.repeat_interleave(syn_labels, tiles)
+        offsets = np.concatenate([[0], np.cumsum(budgets)]) * tiles
         optimizer = torch.optim.SGD([syn], lr=settings.lr_images or GM_LR_IMAGES, momentum=GM_MOMENTUM)
         augment = SiameseAugment(settings.dsa_strategy) if self.use_dsa else None
         for iteration in range(settings.iterations):
@@ -88,9 +95,10 @@ class _GradientMatching(Distiller):
             loss_value = 0.0
             for outer in range(outer_loop):
                 loss = syn.new_zeros(())
+                decoded = decode(syn, settings.factor)
                 for cls in present:
                     real = images[sample_rows(rows_per_class[cls], settings.batch_real, generator)]
-                    mine = syn[offsets[cls] : offsets[cls + 1]]
+                    mine = decoded[offsets[cls] : offsets[cls + 1]]
                     if augment is not None:
                         params = augment.sample(1, generator, self.device, siamese=True)
                         real, mine = augment.apply(real, params), augment.apply(mine, params)
@@ -108,8 +116,9 @@ class _GradientMatching(Distiller):
                 loss_value += loss.item()
                 if outer == outer_loop - 1:
                     break
+                inner_images = decode(syn.detach(), settings.factor)
                 train_on_set(
-                    net, net_optimizer, syn.detach(), syn_labels, inner_loop, augment, generator, settings.batch_train
+                    net, net_optimizer, inner_images, decoded_labels, inner_loop, augment, generator, settings.batch_train
                 )
             if progress is not None:
                 progress(iteration + 1, settings.iterations, loss_value / outer_loop)
@@ -119,6 +128,7 @@ class _GradientMatching(Distiller):
             num_classes,
             counts,
             provenance={"init": settings.init, "iterations": settings.iterations, "dsa": self.use_dsa},
+            factor=settings.factor,
         )
 
 

@@ -1,0 +1,88 @@
+"""Teachers and soft labels: a network trained on real data labels synthetic images with its beliefs.
+
+The decoupled methods (SRe2L, RDED) and the soft-label protocol rest on this:
+a teacher, trained once on the data a set stands for (the client's own data
+in a federation), gives each synthetic image a tempered class distribution,
+which carries far more than its hard label. Teachers read real data without
+noise, so private runs refuse them (``ExperimentConfig``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedistill.models import ModelSpec, build_model
+from fedistill.synthetic import SyntheticSet
+from fedistill.training import TrainSettings, train_model
+
+TEACHER_LR = 0.05
+TEACHER_BATCH = 64
+
+
+def train_teacher(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    model_spec: ModelSpec,
+    epochs: int,
+    seed: int,
+) -> nn.Module:
+    """A ``model_spec`` network trained ``epochs`` epochs on the real images (the evaluation protocol's SGD).
+
+    Seeded from ``seed`` alone (initialisation and shuffling), left in eval mode
+    on the images' device.
+    """
+    if epochs < 1:
+        raise ValueError(f"distill.teacher_epochs: must be >= 1, got {epochs}")
+    channels, height, width = (int(size) for size in images.shape[1:])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(model_spec, (channels, height, width), num_classes)
+    model.to(images.device)
+    settings = TrainSettings(epochs=epochs, lr=TEACHER_LR, batch_size=TEACHER_BATCH)
+    train_model(model, images, labels.to(images.device), settings, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def soft_label(
+    set: SyntheticSet, model: nn.Module, temperature: float = 1.0, batch_size: int = 256
+) -> SyntheticSet:
+    """A copy of ``set`` whose soft labels are ``softmax(model(images) / temperature)``, one row per decoded image.
+
+    A factorised set is labelled tile by tile (what a network trains on).
+    Runs in batches under inference mode with the model in eval mode, and puts
+    the model back in the mode it was in.
+    """
+    if not (temperature > 0 and np.isfinite(temperature)):
+        raise ValueError(f"soft_label: temperature must be positive and finite, got {temperature}")
+    if batch_size < 1:
+        raise ValueError(f"soft_label: batch_size must be >= 1, got {batch_size}")
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else set.images.device
+    images = set.decoded().images
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            rows = [
+                torch.softmax(model(images[start : start + batch_size].to(device)).float() / temperature, dim=1)
+                for start in range(0, len(images), batch_size)
+            ]
+    finally:
+        model.train(was_training)
+    soft = torch.cat(rows).to(set.images.device) if rows else torch.zeros(0, set.num_classes, device=set.images.device)
+    if soft.shape != (len(images), set.num_classes):
+        raise ValueError(f"soft_label: model gives {tuple(soft.shape[1:])} outputs for {set.num_classes} classes")
+    provenance = dict(set.provenance)
+    provenance["soft_label_temperature"] = temperature
+    return SyntheticSet(
+        set.images.clone(),
+        set.labels.clone(),
+        set.num_classes,
+        np.array(set.source_counts, copy=True),
+        soft.clone(),
+        provenance,
+        set.factor,
+    )
