@@ -219,7 +219,10 @@ class FederationConfig(_Section):
     rounds: int = Field(default=1, ge=1)
     aggregation: str = Field(default="union", description="a rule of fedistill.aggregation's registry")
     server_ipc: int | None = Field(default=None, ge=1, description="images per class after 'redistill'")
-    soft_labels: bool = Field(default=False, description="label the aggregate with the previous global model")
+    soft_labels: bool = Field(
+        default=False,
+        description="label the aggregate with the previous global model (needs eval.protocol soft-label-kd)",
+    )
     aggregate_window: int = Field(
         default=1, ge=1, description="multi-round: the global model trains on the aggregates of this many latest rounds"
     )

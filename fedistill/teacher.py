@@ -86,3 +86,18 @@ def soft_label(
         provenance,
         set.factor,
     )
+
+
+def one_hot_labelled(set: SyntheticSet) -> SyntheticSet:
+    """A copy of ``set`` whose soft labels are its hard labels, one-hot, one row per decoded image.
+
+    For a set that must be trained under the soft-label protocol before any
+    teacher exists (round 1 of ``federation.soft_labels``): distillation from a
+    one-hot row is the cross-entropy at the student's temperature.
+    """
+    decoded_labels = set.decoded().labels
+    soft = torch.nn.functional.one_hot(decoded_labels.long(), set.num_classes).float()
+    provenance = dict(set.provenance)
+    provenance["soft_labels"] = "one-hot"
+    return SyntheticSet(set.images.clone(), set.labels.clone(), set.num_classes,
+                        np.array(set.source_counts, copy=True), soft, provenance, set.factor)

@@ -38,7 +38,7 @@ from fedistill.data import ImageData, load_dataset
 from fedistill.device import pick_device
 from fedistill.report import save_class_grids
 from fedistill.runs import create_run_dir, save_config
-from fedistill.teacher import soft_label
+from fedistill.teacher import one_hot_labelled, soft_label
 from fedistill.training import EVAL_SEED_OFFSET, evaluate_model, evaluate_set, train_model
 from server.history import RoundRecord, RunHistory, write_history
 from server.privacy import PrivacyRecorder
@@ -205,6 +205,8 @@ class DistillationRun:
         aggregate_set = training.set
         if federation.soft_labels and state.global_model is not None:
             aggregate_set = soft_label(aggregate_set, state.global_model, config.distill.temperature)
+        elif self.settings.kd_temperature is not None and aggregate_set.soft_labels is None:
+            aggregate_set = one_hot_labelled(aggregate_set)  # round 1 of federation.soft_labels: no global model yet
         aggregate_set.save(self.run_dir / "aggregate.safetensors")
         seed = config.seed + EVAL_SEED_OFFSET
         if federation.protocol == "one-shot":

@@ -16,7 +16,7 @@ from fedistill.distill.rded import random_resized_crops, tile_losses
 from fedistill.models import ModelSpec
 from fedistill.references import random_real_like
 from fedistill.synthetic import SyntheticSet, decode, encode
-from fedistill.teacher import soft_label, train_teacher
+from fedistill.teacher import one_hot_labelled, soft_label, train_teacher
 from fedistill.training import TrainSettings, evaluate_set
 from server.validation import InvalidReply, ReplyLimits, validate_set_arrays
 
@@ -190,3 +190,11 @@ def test_soft_label_configs_name_the_key() -> None:
     ok = parse_config({"distill": {"method": "rded", "labels": "teacher", "factor": 2},
                        "eval": {"protocol": "soft-label-kd"}})
     assert ok.eval.train_settings("fashion-mnist").protocol == "soft-label-kd"
+
+
+def test_one_hot_labels_follow_the_decoded_tiles() -> None:
+    """Round 1 of federation.soft_labels has no global model: each tile is distilled from its own class, one-hot."""
+    syn = SyntheticSet(torch.randn(2, 1, 8, 8), torch.tensor([2, 0]), 3, np.array([4, 0, 4]), factor=2)
+    soft = one_hot_labelled(syn).soft_labels
+    assert soft is not None and soft.shape == (8, 3)
+    assert soft.argmax(1).tolist() == [2] * 4 + [0] * 4 and torch.equal(soft.sum(1), torch.ones(8))

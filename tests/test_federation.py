@@ -26,7 +26,7 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_task_identity(monkeypatch)
 
 
-def small_config(tmp_path: Path, **federation: Any) -> ExperimentConfig:
+def small_config(tmp_path: Path, protocol_of_eval: str = "hard-label", **federation: Any) -> ExperimentConfig:
     return parse_config(
         {
             "seed": 1,
@@ -35,7 +35,7 @@ def small_config(tmp_path: Path, **federation: Any) -> ExperimentConfig:
             "partition": {"scheme": "dirichlet", "num_clients": 3, "alpha": 1.0, "min_partition_size": 50},
             "model": {"width": 16, "depth": 2},
             "distill": {"method": "dm", "ipc": 2, "iterations": 5, "batch_real": 32},
-            "eval": {"epochs": 30, "num_nets": 1},
+            "eval": {"epochs": 30, "num_nets": 1, "protocol": protocol_of_eval},
             "federation": {"min_clients": 2, **federation},
         }
     )
@@ -68,7 +68,7 @@ def test_one_shot_round_end_to_end(tmp_path: Path) -> None:
 
 
 def test_multi_round_sends_the_global_model_and_clients_continue_their_sets(tmp_path: Path) -> None:
-    config = small_config(tmp_path, protocol="multi-round", rounds=3, soft_labels=True)
+    config = small_config(tmp_path, "soft-label-kd", protocol="multi-round", rounds=3, soft_labels=True)
     grid = LocalGrid(config, 3)
     run_dir = run_distillation(grid, config)
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -1,0 +1,152 @@
+"""Accuracy against distillation wall time, per method, on centralised Fashion-MNIST: the chart for choosing a method.
+
+Each method variant (``METHOD`` or ``METHOD:fFACTOR``, e.g. ``dm:f2``) distils
+once under a wall-clock budget. Iterating methods are snapshotted at the
+checkpoint times (an ``on_iteration`` hook copies the images; the run stops
+when the budget is spent), so one run gives the whole curve; a method that
+does not iterate (RDED, coresets) gives one point at its own wall time.
+Every snapshot is evaluated afterwards with the hard-label protocol
+(evaluation time is not counted). Writes
+``benchmarks/results/accuracy-per-hour.json`` and the plot
+``benchmarks/results/accuracy-per-hour.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from benchmarks.common import RESULTS, command, hardware
+from fedistill.atomic import write_text
+from fedistill.config import parse_config
+from fedistill.data import load_dataset
+from fedistill.distill import get_distiller
+from fedistill.distill.base import per_class_budget, source_counts
+from fedistill.synthetic import SyntheticSet
+from fedistill.training import EVAL_SEED_OFFSET, evaluate_set
+
+
+class BudgetSpent(Exception):
+    """Raised by the checkpoint hook to end a run whose wall-clock budget is spent."""
+
+
+def parse_variant(text: str) -> tuple[str, int]:
+    """``dm:f2`` -> (``dm``, 2); ``rded`` -> (``rded``, 1)."""
+    method, _, factor = text.partition(":")
+    if factor and not (factor.startswith("f") and factor[1:].isdigit()):
+        raise SystemExit(f"--methods: {text!r} is not METHOD or METHOD:fFACTOR")
+    return method, int(factor[1:]) if factor else 1
+
+
+def distil_with_checkpoints(
+    variant: str, args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> list[tuple[float, SyntheticSet]]:
+    """(seconds since the start, set) at each checkpoint the budget reached, in order."""
+    method, factor = parse_variant(variant)
+    config = parse_config({
+        "seed": 0,
+        "data": {"name": "fashion-mnist"},
+        "distill": {"method": method, "ipc": args.ipc, "iterations": 10**7, "batch_real": args.batch_real,
+                    "factor": factor},
+    })
+    settings = config.distill.settings("fashion-mnist")
+    budget = args.minutes * 60
+    marks = sorted({m * 60 for m in args.checkpoints if m * 60 <= budget} | {0.0, budget})
+    counts = source_counts(labels, num_classes)
+    snapshot_labels = torch.repeat_interleave(torch.arange(num_classes), torch.from_numpy(per_class_budget(counts, args.ipc)))
+    taken: list[tuple[float, SyntheticSet]] = []
+    started = time.perf_counter()
+
+    def hook(iteration: int, _real: torch.Tensor, _real_labels: torch.Tensor, syn: torch.Tensor) -> None:
+        elapsed = time.perf_counter() - started
+        while marks and elapsed >= marks[0]:
+            marks.pop(0)
+            taken.append((elapsed, SyntheticSet(syn.detach().cpu().clone(), snapshot_labels, num_classes, counts,
+                                                provenance={"method": method, "iterations": iteration}, factor=factor)))
+            print(f"{variant}: checkpoint at {elapsed:.0f} s, iteration {iteration}", flush=True)
+        if not marks:
+            raise BudgetSpent
+
+    distiller_type = get_distiller(method)
+    hook_arg = {"on_iteration": hook} if distiller_type.refines else {}
+    distiller = distiller_type(config.model.spec(), settings, images.device, **hook_arg)
+    try:
+        final = distiller(images, labels, num_classes, seed=0)
+    except BudgetSpent:
+        return taken
+    taken.append((time.perf_counter() - started, final.to("cpu")))
+    return taken
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--methods", nargs="+", default=["rded", "rded:f2", "dm", "dm:f2"])
+    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget of each iterating method")
+    parser.add_argument("--checkpoints", type=float, nargs="+", default=[1, 2, 5, 10, 20, 40, 60],
+                        help="minutes at which iterating methods are snapshotted (those within the budget)")
+    parser.add_argument("--batch-real", type=int, default=64)
+    parser.add_argument("--num-nets", type=int, default=2)
+    parser.add_argument("--eval-epochs", type=int, default=300)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, labels = train.normalized(device), torch.from_numpy(train.labels).to(device)
+    test_x, test_y = test.normalized(device), torch.from_numpy(test.labels)
+    spec = parse_config({"data": {"name": "fashion-mnist"}}).model.spec()
+    eval_settings = parse_config({"data": {"name": "fashion-mnist"}, "eval": {"epochs": args.eval_epochs}}).eval
+    settings = eval_settings.train_settings("fashion-mnist")
+    series: dict[str, list[dict[str, float]]] = {}
+    for variant in args.methods:
+        points = []
+        for seconds, syn in distil_with_checkpoints(variant, args, images, labels, train.info.num_classes):
+            result = evaluate_set(syn, test_x, test_y, spec, settings, device, seed=EVAL_SEED_OFFSET,
+                                  num_nets=args.num_nets)
+            points.append({"seconds": round(seconds, 1), "iterations": syn.provenance.get("iterations"),
+                           "accuracy": round(100 * result.mean, 2), "std": round(100 * result.std, 2)})
+            print(f"{variant}: {seconds:.0f} s -> {100 * result.mean:.2f} %", flush=True)
+        series[variant] = points
+    record = {
+        "id": "accuracy-per-hour",
+        "unit": "% test accuracy (hard-label protocol) against seconds of distillation",
+        "series": series,
+        "ipc": args.ipc,
+        "eval": f"{args.eval_epochs} epochs x {args.num_nets} nets, hard-label protocol",
+        "command": command(),
+        "hardware": hardware(),
+        "date": dt.date.today().isoformat(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_text(RESULTS / "accuracy-per-hour.json", json.dumps(record, indent=2) + "\n")
+    plot(series, args, RESULTS / "accuracy-per-hour.png")
+
+
+def plot(series: dict[str, list[dict[str, float]]], args: argparse.Namespace, path: Path) -> None:
+    """Accuracy against log wall time, one line per method variant."""
+    fig = Figure(figsize=(7.0, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for variant, points in series.items():
+        xs = [max(p["seconds"], 1.0) / 3600 for p in points]
+        ax.plot(xs, [p["accuracy"] for p in points], marker="o", label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("distillation wall time on this machine (hours, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Fashion-MNIST IPC {args.ipc}: accuracy per CPU-hour ({hardware().split(',')[1].strip()})")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
