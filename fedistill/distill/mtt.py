@@ -17,8 +17,9 @@ augmentation draw; walking back, step ``i``'s gradient ``g_i`` is recomputed
 with a graph, and vector-Jacobian products carry the adjoint
 ``a_i = a_{i+1} - lr * (dg_i/dtheta_i)^T a_{i+1}`` while adding
 ``-lr * (dg_i/dX)^T a_{i+1}`` to the images' gradient and ``-g_i . a_{i+1}``
-to the learning rate's (as TESLA, Cui et al. 2023, does for its batched
-form). Only one step's graph is alive at a time. ``unrolled_gradients`` is
+to the learning rate's: reverse mode through the SGD recursion with
+recomputation (TESLA, Cui et al. 2023, targets the same memory growth).
+Only one step's graph is alive at a time. ``unrolled_gradients`` is
 the plain autograd reference the tests and ``benchmarks/bench_mtt_speed.py``
 compare against.
 """
@@ -166,9 +167,9 @@ def memory_flat_gradients(
         thetas.append((theta - rate * grad).detach())
     final = thetas[-1]
     denominator = ((start - target) ** 2).sum()
-    loss = float(((final - target) ** 2).sum() / denominator)
+    loss = float(_distance(final, target, start))
     adjoint = 2 * (final - target) / denominator
-    leaf = x.clone().requires_grad_(True)
+    leaf = x.requires_grad_(True)
     images_grad = torch.zeros_like(x)
     lr_grad = torch.zeros_like(rate)
     for index in reversed(range(len(steps))):
