@@ -10,6 +10,7 @@ as arrays with its metrics. The helpers run without Flower.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,15 @@ def _partition(config: ExperimentConfig, partition_id: int, num_partitions: int)
     return client_data(train, partitioning, partition_id)
 
 
+def expert_cache(config: ExperimentConfig) -> Path:
+    """Where a node keeps expert trajectories (``mtt``): ``output_dir/.experts``, on the node's own disk.
+
+    The server owns the run directory; a node only knows ``output_dir``. File
+    names hash the node's data and settings, so nodes and runs can share it.
+    """
+    return Path(config.output_dir) / ".experts"
+
+
 def distill_partition(
     config: ExperimentConfig,
     data: ImageData,
@@ -125,7 +135,7 @@ def distill_partition(
     method = get_distiller(config.distill.method)
     distiller = method(
         config.model.spec(),
-        config.distill.settings(config.data.name),
+        config.distill.settings(config.data.name, cache_dir=expert_cache(config)),
         device,
         networks=networks,
         start=start if method.refines else None,

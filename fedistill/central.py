@@ -38,6 +38,9 @@ from fedistill.synthetic import SyntheticSet
 from fedistill.teacher import soft_label
 from fedistill.training import EVAL_SEED_OFFSET, EvalResult, evaluate_set
 
+EXPERTS_DIR = "experts"
+"""Where in the run directory trajectory matching keeps its expert trajectories."""
+
 
 def _progress_bar(console: Console, with_loss: bool) -> Progress:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
@@ -80,7 +83,7 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
         generator = torch.Generator().manual_seed(cfg.seed)
         private["start"] = public_start(cfg.data.public_train(full_train), budgets, generator, device)
     del full_train
-    distill_settings = cfg.distill.settings(cfg.data.name)
+    distill_settings = cfg.distill.settings(cfg.data.name, cache_dir=run_dir / EXPERTS_DIR)
     distiller = get_distiller(cfg.distill.method)(cfg.model.spec(), distill_settings, device, **private)
     iterations: list[int] = []
     losses: list[float] = []

@@ -125,6 +125,16 @@ class DistillConfig(_Section):
     )
     teacher_epochs: int = Field(default=5, ge=1, description="epochs of the teacher on the real data")
     temperature: float = Field(default=4.0, gt=0, description="softmax temperature of the teacher's soft labels")
+    syn_steps: int = Field(default=20, ge=1, le=10000, description="mtt: student steps on the set per iteration")
+    expert_epochs: int = Field(default=2, ge=1, description="mtt: expert epochs the student's steps must cover")
+    max_start_epoch: int = Field(default=10, ge=1, description="mtt: the student starts at an expert epoch below this")
+    num_experts: int = Field(default=5, ge=1, le=10000, description="mtt: expert trajectories trained on the real data")
+    expert_train_epochs: int | None = Field(
+        default=None, ge=1, description="mtt: epochs per expert; default max_start_epoch + expert_epochs - 1 (all used)"
+    )
+    lr_teacher: float = Field(default=0.01, gt=0, description="mtt: the experts' SGD rate, the student's starting rate")
+    lr_lr: float = Field(default=1e-5, gt=0, description="mtt: SGD rate of the learnable student learning rate")
+    batch_syn: int | None = Field(default=None, ge=1, description="mtt: student minibatch; default the whole set")
 
     @field_validator("method")
     @classmethod
@@ -140,10 +150,44 @@ class DistillConfig(_Section):
             parse_strategy(value)
         return value
 
-    def settings(self, dataset: str) -> DistillSettings:
+    @model_validator(mode="after")
+    def _mtt_keys_need_mtt(self) -> DistillConfig:
+        """A trajectory-matching key set for another method would silently do nothing: refuse it."""
+        if self.method != "mtt":
+            for key in MTT_KEYS:
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(
+                        f"distill.{key} is read only by method 'mtt', not {self.method!r}; "
+                        f"leave it unset or set distill.method = 'mtt'"
+                    )
+            return self
+        needed = self.max_start_epoch + self.expert_epochs - 1
+        if self.expert_train_epochs is not None and self.expert_train_epochs < needed:
+            raise ValueError(
+                f"distill.expert_train_epochs: {self.expert_train_epochs} is too short for distill.max_start_epoch "
+                f"{self.max_start_epoch} and distill.expert_epochs {self.expert_epochs}; needs >= {needed}"
+            )
+        return self
+
+    def settings(self, dataset: str, cache_dir: Path | None = None) -> DistillSettings:
+        """The library's settings; ``cache_dir`` is where a runner keeps expert trajectories (``mtt``)."""
         values = self.model_dump(exclude={"method"})
         values["dsa_strategy"] = self.dsa_strategy or default_strategy(dataset)
+        values["cache_dir"] = None if cache_dir is None else str(cache_dir)
         return DistillSettings(**values)
+
+
+MTT_KEYS = (
+    "syn_steps",
+    "expert_epochs",
+    "max_start_epoch",
+    "num_experts",
+    "expert_train_epochs",
+    "lr_teacher",
+    "lr_lr",
+    "batch_syn",
+)
+"""``[distill]`` keys only trajectory matching reads."""
 
 
 class EvalConfig(_Section):
@@ -375,6 +419,16 @@ class ExperimentConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _networks_fit(self) -> ExperimentConfig:
+        """Multi-round clients match under the global model; trajectory matching has its own experts instead."""
+        if self.distill.method == "mtt" and self.federation.protocol == "multi-round":
+            raise ValueError(
+                "distill.method 'mtt' matches its experts' trajectories, not the global model that "
+                "federation.protocol 'multi-round' sends; use it with protocol 'one-shot'"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _attack_fits(self) -> ExperimentConfig:
         check_attack(self)
         return self
@@ -441,8 +495,8 @@ def format_validation_error(error: ValidationError) -> str:
             message = "unknown key"
         elif item["type"] == "literal_error":
             message = f"invalid value {item['input']!r}; allowed: {item['ctx']['expected']}"
-        # Cross-section checks (loc empty) already start their message with the key they are about.
-        lines.append(message if not item["loc"] else f"{key}: {message}")
+        # Cross-section checks (loc empty) and section checks start their message with the key they are about.
+        lines.append(message if not item["loc"] or message.startswith(f"{key}.") else f"{key}: {message}")
     return "; ".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Distillation methods behind one interface; importing this package registers them all."""
 
-from fedistill.distill import coresets, dm, dp_dm, dp_gm, gm, rded  # noqa: F401  (registration side effect)
+from fedistill.distill import coresets, dm, dp_dm, dp_gm, gm, mtt, rded  # noqa: F401  (registration side effect)
 from fedistill.distill.base import (
     Distiller,
     DistillSettings,

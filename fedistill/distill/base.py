@@ -42,6 +42,11 @@ class DistillSettings:
     ``factor`` > 1 stores ``factor**2`` smaller images in each image (methods with ``factorised``).
     ``labels = "teacher"`` soft-labels the result with a network trained ``teacher_epochs`` epochs on the
     real images, at softmax ``temperature``.
+    ``syn_steps`` .. ``batch_syn`` are trajectory matching's (``mtt``; see ``distill.mtt``):
+    ``expert_train_epochs`` ``None`` trains experts just long enough for the latest start
+    (``max_start_epoch + expert_epochs - 1``), ``batch_syn`` ``None`` steps on the whole set.
+    ``cache_dir`` is where expert trajectories are kept between runs (``None``: not kept);
+    the runners set it, it is not a config key.
     """
 
     ipc: int = 10
@@ -61,6 +66,15 @@ class DistillSettings:
     labels: str = "hard"
     teacher_epochs: int = 5
     temperature: float = 4.0
+    syn_steps: int = 20
+    expert_epochs: int = 2
+    max_start_epoch: int = 10
+    num_experts: int = 5
+    expert_train_epochs: int | None = None
+    lr_teacher: float = 0.01
+    lr_lr: float = 1e-5
+    batch_syn: int | None = None
+    cache_dir: str | None = None
 
 
 class Distiller(ABC):
