@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from attacks.backdoor import client_backdoor, trigger_path
 from clients.fit import fit_partition
 from clients.private import LEDGER_KEY, fit_private, train_private
+from fedistill.cache import CACHE_DIR
 from fedistill.config import ExperimentConfig
 from fedistill.data import ImageData, client_data, load_dataset, partition_dataset
 from fedistill.device import pick_device
@@ -94,12 +95,12 @@ def _partition(config: ExperimentConfig, partition_id: int, num_partitions: int)
 
 
 def expert_cache(config: ExperimentConfig) -> Path:
-    """Where a node keeps expert trajectories (``mtt``): ``output_dir/.experts``, on the node's own disk.
+    """Where a node keeps expert trajectories (``mtt``) and teachers: ``output_dir/.cache``, on its own disk.
 
     The server owns the run directory; a node only knows ``output_dir``. File
     names hash the node's data and settings, so nodes and runs can share it.
     """
-    return Path(config.output_dir) / ".experts"
+    return Path(config.output_dir) / CACHE_DIR
 
 
 def distill_partition(

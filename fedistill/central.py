@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedistill.cache import CACHE_DIR
 from fedistill.config import ConfigError, ExperimentConfig
 from fedistill.data import load_dataset
 from fedistill.device import pick_device
@@ -37,9 +38,6 @@ from fedistill.runs import create_run_dir, save_config, write_json
 from fedistill.synthetic import SyntheticSet
 from fedistill.teacher import soft_label
 from fedistill.training import EVAL_SEED_OFFSET, EvalResult, evaluate_set
-
-EXPERTS_DIR = "experts"
-"""Where in the run directory trajectory matching keeps its expert trajectories."""
 
 
 def _progress_bar(console: Console, with_loss: bool) -> Progress:
@@ -83,7 +81,7 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
         generator = torch.Generator().manual_seed(cfg.seed)
         private["start"] = public_start(cfg.data.public_train(full_train), budgets, generator, device)
     del full_train
-    distill_settings = cfg.distill.settings(cfg.data.name, cache_dir=run_dir / EXPERTS_DIR)
+    distill_settings = cfg.distill.settings(cfg.data.name, cache_dir=Path(cfg.output_dir) / CACHE_DIR)
     distiller = get_distiller(cfg.distill.method)(cfg.model.spec(), distill_settings, device, **private)
     iterations: list[int] = []
     losses: list[float] = []

@@ -19,7 +19,6 @@ reads the files and trains nothing.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedistill.atomic import save_tensors
+from fedistill.cache import data_fingerprint, key_digest
 from fedistill.models import ModelSpec, build_model
 from fedistill.training import TrainSettings, train_model
 
@@ -84,7 +84,7 @@ def train_experts(
             "dsa_strategy": dsa_strategy,
             "seed": expert_seed,
         }
-        path = None if cache_dir is None else cache_dir / f"expert-{_digest(key)}.safetensors"
+        path = None if cache_dir is None else cache_dir / f"expert-{key_digest(key)}.safetensors"
         trajectory = _read(path) if path is not None and path.exists() else None
         if trajectory is None:
             trajectory = train_expert(images, labels, num_classes, model_spec, epochs, lr, expert_seed, dsa_strategy)
@@ -128,20 +128,6 @@ def train_expert(
 def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     """A detached copy of the model's parameters as one vector, in ``parameters()`` order."""
     return torch.cat([parameter.detach().reshape(-1) for parameter in model.parameters()]).clone()
-
-
-def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """SHA-256 of the images' and labels' bytes, dtypes and shapes: the data part of a cache key."""
-    digest = hashlib.sha256()
-    for tensor in (images, labels):
-        host = tensor.detach().cpu().contiguous()
-        digest.update(f"{host.dtype}{tuple(host.shape)}".encode())
-        digest.update(host.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _digest(key: dict[str, object]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _read(path: Path) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import fedistill.teacher
 from fedistill.aggregation import AggregationContext, ClientSet, get_aggregator
 from fedistill.config import ConfigError, parse_config
 from fedistill.data import ImageData
@@ -198,3 +199,19 @@ def test_one_hot_labels_follow_the_decoded_tiles() -> None:
     soft = one_hot_labelled(syn).soft_labels
     assert soft is not None and soft.shape == (8, 3)
     assert soft.argmax(1).tolist() == [2] * 4 + [0] * 4 and torch.equal(soft.sum(1), torch.ones(8))
+
+
+def test_a_teacher_is_read_from_the_cache_for_the_same_data_only(digits_train: ImageData, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = tensors(digits_train)
+    calls = []
+    trainer = fedistill.teacher.train_model
+    monkeypatch.setattr(fedistill.teacher, "train_model", lambda *args, **kw: calls.append(1) or trainer(*args, **kw))
+    first = train_teacher(images, labels, 10, SMALL, epochs=1, seed=3, cache_dir=tmp_path)
+    again = train_teacher(images, labels, 10, SMALL, epochs=1, seed=3, cache_dir=tmp_path)
+    assert len(calls) == 1 and len(list(tmp_path.glob("teacher-*.safetensors"))) == 1
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    train_teacher(images, labels.roll(1), 10, SMALL, epochs=1, seed=3, cache_dir=tmp_path)  # other data: trained
+    train_teacher(images, labels, 10, SMALL, epochs=2, seed=3, cache_dir=tmp_path)  # other schedule: trained
+    assert len(calls) == 3 and len(list(tmp_path.glob("teacher-*.safetensors"))) == 3

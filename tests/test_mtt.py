@@ -11,7 +11,8 @@ from rich.console import Console
 
 import fedistill.experts
 from fedistill.augment import SiameseAugment
-from fedistill.central import EXPERTS_DIR, run_central
+from fedistill.cache import CACHE_DIR
+from fedistill.central import run_central
 from fedistill.config import ConfigError, from_run_config, parse_config, to_run_config
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, get_distiller
@@ -115,7 +116,7 @@ def test_experts_are_read_from_the_cache(digits_train: ImageData, tmp_path: Path
     assert torch.equal(uncached[0], first[0])  # the cache changes nothing but the time
 
 
-def test_central_mtt_run_keeps_its_experts_in_the_run_directory(tmp_path: Path) -> None:
+def test_central_runs_share_their_experts_through_the_output_cache(tmp_path: Path) -> None:
     config = parse_config({
         "output_dir": str(tmp_path),
         "data": {"name": "digits"},
@@ -124,8 +125,12 @@ def test_central_mtt_run_keeps_its_experts_in_the_run_directory(tmp_path: Path) 
                     "expert_epochs": 1, "syn_steps": 2},
         "eval": {"epochs": 2, "num_nets": 1, "references": False},
     })
-    run_dir = run_central(config, Console(quiet=True))
-    assert len(list((run_dir / EXPERTS_DIR).glob("expert-*.safetensors"))) == 2
+    run_central(config, Console(quiet=True))
+    experts = sorted((tmp_path / CACHE_DIR).glob("expert-*.safetensors"))
+    assert len(experts) == 2
+    written = [path.stat().st_mtime_ns for path in experts]
+    run_central(config, Console(quiet=True))  # a second run reads them: nothing is written again
+    assert [path.stat().st_mtime_ns for path in sorted((tmp_path / CACHE_DIR).glob("expert-*"))] == written
 
 
 def test_mtt_configs_name_the_key() -> None:

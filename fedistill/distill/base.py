@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -45,8 +46,8 @@ class DistillSettings:
     ``syn_steps`` .. ``batch_syn`` are trajectory matching's (``mtt``; see ``distill.mtt``):
     ``expert_train_epochs`` ``None`` trains experts just long enough for the latest start
     (``max_start_epoch + expert_epochs - 1``), ``batch_syn`` ``None`` steps on the whole set.
-    ``cache_dir`` is where expert trajectories are kept between runs (``None``: not kept);
-    the runners set it, it is not a config key.
+    ``cache_dir`` is where expert trajectories and teachers are kept between runs (``None``: not
+    kept); the runners set it, it is not a config key.
     """
 
     ipc: int = 10
@@ -131,8 +132,9 @@ class Distiller(ABC):
     def teacher_for(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int) -> nn.Module:
         """The teacher of these real images: the one given, else trained once and kept on this distiller."""
         if self.teacher is None:
+            cache = None if self.settings.cache_dir is None else Path(self.settings.cache_dir)
             self.teacher = train_teacher(
-                images, labels, num_classes, self.model_spec, self.settings.teacher_epochs, seed
+                images, labels, num_classes, self.model_spec, self.settings.teacher_epochs, seed, cache
             )
         return self.teacher
 
