@@ -5,6 +5,9 @@ once under a wall-clock budget. Iterating methods are snapshotted at the
 checkpoint times (an ``on_iteration`` hook copies the images; the run stops
 when the budget is spent), so one run gives the whole curve; a method that
 does not iterate (RDED, coresets) gives one point at its own wall time.
+RDED's teacher is shared by its variants and read from ``runs/bench/.cache``
+when a ``bench_central`` run trained it; its point includes the teacher's
+training seconds either way (recorded with the cached weights).
 Every snapshot is evaluated afterwards with the hard-label protocol
 (evaluation time is not counted). Writes
 ``benchmarks/results/accuracy-per-hour.json`` and the plot
@@ -30,6 +33,7 @@ from fedistill.data import load_dataset
 from fedistill.distill import get_distiller
 from fedistill.distill.base import per_class_budget, source_counts
 from fedistill.synthetic import SyntheticSet
+from fedistill.teacher import teacher_and_cost
 from fedistill.training import EVAL_SEED_OFFSET, evaluate_set
 
 
@@ -62,12 +66,12 @@ def distil_with_checkpoints(
     counts = source_counts(labels, num_classes)
     snapshot_labels = torch.repeat_interleave(torch.arange(num_classes), torch.from_numpy(per_class_budget(counts, args.ipc)))
     taken: list[tuple[float, SyntheticSet]] = []
-    started = time.perf_counter()
 
     def hook(iteration: int, _real: torch.Tensor, _real_labels: torch.Tensor, syn: torch.Tensor) -> None:
         elapsed = time.perf_counter() - started
-        while marks and elapsed >= marks[0]:
-            marks.pop(0)
+        if marks and elapsed >= marks[0]:
+            while marks and elapsed >= marks[0]:  # one snapshot for every mark passed (experts may take long)
+                marks.pop(0)
             taken.append((elapsed, SyntheticSet(syn.detach().cpu().clone(), snapshot_labels, num_classes, counts,
                                                 provenance={"method": method, "iterations": iteration}, factor=factor)))
             print(f"{variant}: checkpoint at {elapsed:.0f} s, iteration {iteration}", flush=True)
@@ -75,13 +79,22 @@ def distil_with_checkpoints(
             raise BudgetSpent
 
     distiller_type = get_distiller(method)
-    hook_arg = {"on_iteration": hook} if distiller_type.refines else {}
-    distiller = distiller_type(config.model.spec(), settings, images.device, **hook_arg)
+    options: dict[str, object] = {"on_iteration": hook} if distiller_type.refines else {}
+    teacher_seconds = 0.0
+    if method == "rded":
+        # RDED draws its teacher's seed first from the run's generator: the same seed as bench_central's runs.
+        teacher_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(0)))
+        options["teacher"], teacher_seconds = teacher_and_cost(
+            images, labels, num_classes, config.model.spec(), settings.teacher_epochs, teacher_seed,
+            Path(args.cache),
+        )
+    distiller = distiller_type(config.model.spec(), settings, images.device, **options)
+    started = time.perf_counter()
     try:
         final = distiller(images, labels, num_classes, seed=0)
     except BudgetSpent:
         return taken
-    taken.append((time.perf_counter() - started, final.to("cpu")))
+    taken.append((teacher_seconds + time.perf_counter() - started, final.to("cpu")))
     return taken
 
 
@@ -95,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch-real", type=int, default=64)
     parser.add_argument("--num-nets", type=int, default=2)
     parser.add_argument("--eval-epochs", type=int, default=300)
+    parser.add_argument("--cache", default="runs/bench/.cache", help="teacher cache shared with bench_central")
     args = parser.parse_args()
 
     torch.manual_seed(0)

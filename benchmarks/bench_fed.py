@@ -22,12 +22,15 @@ from benchmarks.common import RESULTS, command, hardware, write_result
 from benchmarks.memory import PeakTreeMemory
 from fedistill.config import ExperimentConfig, parse_config
 from launch.simulation import simulate_run
+from server.compare import START_ALONE, final_accuracy, reference_configs
 
 FIELDS = {
     "accuracy": ("% global test accuracy after the last round", lambda row: round(100 * row["accuracy"], 2)),
     "upload_bytes": ("bytes uploaded by all clients over the run", lambda row: row["upload_bytes"]),
     "round_upload_bytes": ("bytes uploaded by all clients in one round", lambda row: row["round_upload_bytes"]),
     "round_seconds": ("s wall time of the first round (server side)", lambda row: round(row["round_seconds"][0], 1)),
+    "gain_over_start": ("points of global test accuracy over the same run's start alone (zero iterations)",
+                        lambda row: round(100 * (row["accuracy"] - row["references"][START_ALONE]), 2)),
 }
 
 
@@ -63,8 +66,13 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
                 "iterations": args.iterations,
                 "batch_real": args.batch_real,
                 "dsa": True,
+                "factor": args.factor,
+                "labels": args.labels,
+                "teacher_epochs": args.teacher_epochs,
+                "temperature": args.kd_temperature,
             },
-            "eval": {"epochs": args.eval_epochs, "num_nets": 1, "dsa": args.eval_dsa},
+            "eval": {"epochs": args.eval_epochs, "num_nets": 1, "dsa": args.eval_dsa, "protocol": args.eval_protocol,
+                     "kd_temperature": args.kd_temperature},
             "federation": federation,
         }
     )
@@ -80,6 +88,13 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=300, help="DM iterations per client per round")
     parser.add_argument("--batch-real", type=int, default=64)
+    parser.add_argument("--factor", type=int, default=1, help="distill.factor (IDC-style tiles per image side)")
+    parser.add_argument("--labels", default="hard", choices=["hard", "teacher"], help="distill.labels")
+    parser.add_argument("--teacher-epochs", type=int, default=5, help="distill.teacher_epochs")
+    parser.add_argument("--eval-protocol", default="hard-label", choices=["hard-label", "soft-label-kd"])
+    parser.add_argument("--kd-temperature", type=float, default=4.0, help="distill.temperature and eval.kd_temperature")
+    parser.add_argument("--references", action="store_true",
+                        help="also run the start alone and random real references (server.compare.reference_configs)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--eval-epochs", type=int, default=300, help="server training epochs per round")
     parser.add_argument("--eval-dsa", action="store_true", help="siamese augmentation while training the global model")
@@ -99,6 +114,8 @@ def main() -> None:
     for result_id, field in records:
         if not result_id or field not in FIELDS:
             parser.error(f"--record {result_id}={field}: expected ID=FIELD with FIELD one of {', '.join(FIELDS)}")
+        if field == "gain_over_start" and not args.references:
+            parser.error(f"--record {result_id}=gain_over_start needs --references")
 
     config = experiment(args)
     started = time.perf_counter()
@@ -106,6 +123,11 @@ def main() -> None:
         run_dir = simulate_run(config, Console(stderr=True))
     wall = time.perf_counter() - started
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    references = {}
+    if args.references:
+        for name, reference in reference_configs(config).items():
+            reference_dir = simulate_run(reference, Console(stderr=True))
+            references[name] = final_accuracy(reference_dir)
     rounds = metrics["rounds"]
     row = {
         "protocol": args.protocol,
@@ -113,6 +135,10 @@ def main() -> None:
         "clients": args.clients,
         "rounds": len(rounds),
         "method": args.method if args.protocol in ("one-shot", "multi-round") else None,
+        "factor": args.factor,
+        "labels": args.labels,
+        "eval_protocol": args.eval_protocol,
+        "references": references,
         "ipc": args.ipc,
         "iterations": args.iterations,
         "batch_real": args.batch_real,
@@ -143,6 +169,9 @@ def main() -> None:
     name = (f"{args.protocol}-dir{args.alpha:g}-c{args.clients}"
             + (f"-window{args.aggregate_window}" if args.aggregate_window > 1 else "")
             + ("-fresh" if args.client_start == "fresh" else "")
+            + (f"-{args.method}" if args.method != "dm" else "")
+            + (f"-f{args.factor}" if args.factor != 1 else "")
+            + ("-soft" if args.eval_protocol == "soft-label-kd" else "")
             + (f"-{args.tag}" if args.tag else ""))
     out = RESULTS / "fed" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,13 +184,15 @@ def main() -> None:
             unit,
             f"Fashion-MNIST, {args.clients} clients, Dirichlet {args.alpha:g}, {args.protocol}, {len(rounds)} rounds, "
             f"ConvNet-3 width {args.width}; "
-            + (f"DM IPC {args.ipc}, {args.iterations} it/round, {args.batch_real} real/class; "
+            + (f"{args.method} IPC {args.ipc} factor {args.factor} labels {args.labels}, {args.iterations} it/round, "
+               f"{args.batch_real} real/class; {args.eval_protocol} protocol; "
                if args.protocol in ("one-shot", "multi-round") else f"{args.local_epochs} local epoch(s)/round; ")
             + f"server training {args.eval_epochs} epochs{' +DSA' if args.eval_dsa else ''}"
             + (f" on the last {args.aggregate_window} rounds' aggregates" if args.aggregate_window > 1 else "")
             + ("; clients start a fresh set each round" if args.client_start == "fresh" else "") + "; "
             f"accuracy {100 * row['accuracy']:.2f}%, upload {row['upload_bytes']:,} B, wall {wall:.0f} s, "
-            f"peak tree RSS {memory.peak_bytes / 2**20:.0f} MiB",
+            f"peak tree RSS {memory.peak_bytes / 2**20:.0f} MiB"
+            + "".join(f"; {name} {100 * value:.2f}%" for name, value in references.items()),
         )
     print(json.dumps(row))
 

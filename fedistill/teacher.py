@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -40,7 +41,22 @@ def train_teacher(
     seed: int,
     cache_dir: Path | None = None,
 ) -> nn.Module:
-    """A ``model_spec`` network trained ``epochs`` epochs on the real images (the evaluation protocol's SGD).
+    """A ``model_spec`` network trained ``epochs`` epochs on the real images (see ``teacher_and_cost``)."""
+    return teacher_and_cost(images, labels, num_classes, model_spec, epochs, seed, cache_dir)[0]
+
+
+def teacher_and_cost(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    model_spec: ModelSpec,
+    epochs: int,
+    seed: int,
+    cache_dir: Path | None = None,
+) -> tuple[nn.Module, float]:
+    """The teacher and the seconds its training took (recorded with it in the cache, so a read still reports them).
+
+    The network is trained with the evaluation protocol's SGD.
 
     Seeded from ``seed`` alone (initialisation and shuffling), left in eval mode
     on the images' device. A teacher costs many epochs over all the real data
@@ -62,21 +78,27 @@ def train_teacher(
                "batch": TEACHER_BATCH, "seed": seed}
         path = Path(cache_dir) / f"teacher-{key_digest(key)}.safetensors"
         cached = _read_weights(path)
-        if cached is not None and _load_into(model, cached):
-            return model.eval()
+        if cached is not None and _load_into(model, cached[0]):
+            return model.eval(), cached[1]
+    started = time.perf_counter()
     settings = TrainSettings(epochs=epochs, lr=TEACHER_LR, batch_size=TEACHER_BATCH)
     train_model(model, images, labels.to(images.device), settings, torch.Generator().manual_seed(seed))
+    seconds = time.perf_counter() - started
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(path, model.state_dict(), {"key": json.dumps(key, sort_keys=True)})
-    return model.eval()
+        save_tensors(path, model.state_dict(), {"key": json.dumps(key, sort_keys=True), "seconds": f"{seconds:.3f}"})
+    return model.eval(), seconds
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor] | None:
-    """A cached teacher's state dict, or None when absent or unreadable (it is then trained and written again)."""
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], float] | None:
+    """A cached teacher's state dict and training seconds, or None when absent or unreadable (then it is retrained)."""
     try:
-        return load_file(str(path)) if path.exists() else None
-    except (SafetensorError, OSError):
+        if not path.exists():
+            return None
+        with safe_open(str(path), "pt") as handle:
+            seconds = float((handle.metadata() or {})["seconds"])
+        return load_file(str(path)), seconds
+    except (SafetensorError, OSError, KeyError, ValueError):
         return None
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from rich.table import Table
 
 from fedistill.attack_config import SET_DEFENSES
-from fedistill.config import ExperimentConfig, parse_config
+from fedistill.config import MTT_KEYS, ExperimentConfig, parse_config
 from fedistill.data import dataset_info
 from fedistill.distill import get_distiller
 from fedistill.models import build_model
@@ -122,7 +122,9 @@ def reference_configs(config: ExperimentConfig) -> dict[str, ExperimentConfig]:
         start["distill"]["iterations"] = 0
         references[START_ALONE] = parse_config(start)
     real = copy.deepcopy(values)
-    real["distill"].update(method="random", init="real")
+    real["distill"].update(method="random", init="real", factor=1)  # as many whole images as the set stores
+    for key in MTT_KEYS:
+        real["distill"].pop(key, None)  # the method's own keys; the coreset refuses them
     real["privacy"]["enabled"] = False
     if real["federation"]["aggregation"] == "redistill":
         real["federation"]["aggregation"] = "union"  # re-distilling random real images would be another method

@@ -17,7 +17,7 @@ from fedistill.distill.rded import random_resized_crops, tile_losses
 from fedistill.models import ModelSpec
 from fedistill.references import random_real_like
 from fedistill.synthetic import SyntheticSet, decode, encode
-from fedistill.teacher import one_hot_labelled, soft_label, train_teacher
+from fedistill.teacher import one_hot_labelled, soft_label, teacher_and_cost, train_teacher
 from fedistill.training import TrainSettings, evaluate_set
 from server.validation import InvalidReply, ReplyLimits, validate_set_arrays
 
@@ -215,3 +215,5 @@ def test_a_teacher_is_read_from_the_cache_for_the_same_data_only(digits_train: I
     train_teacher(images, labels.roll(1), 10, SMALL, epochs=1, seed=3, cache_dir=tmp_path)  # other data: trained
     train_teacher(images, labels, 10, SMALL, epochs=2, seed=3, cache_dir=tmp_path)  # other schedule: trained
     assert len(calls) == 3 and len(list(tmp_path.glob("teacher-*.safetensors"))) == 3
+    _, cost = teacher_and_cost(images, labels, 10, SMALL, epochs=1, seed=3, cache_dir=tmp_path)
+    assert len(calls) == 3 and cost > 0  # read from the cache, with the seconds its training took

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from fedistill.config import parse_config
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, get_distiller
 from fedistill.models import ModelSpec
 from fedistill.privacy import PrivacyLedger, PrivateData
 from fedistill.references import Gains, random_real_like, start_alone
 from fedistill.training import EvalResult
+from server.compare import RANDOM_REAL, START_ALONE, reference_configs
 
 CPU = torch.device("cpu")
 SPEC = ModelSpec(width=8, depth=1)
@@ -71,3 +73,24 @@ def test_gains_are_points_over_each_reference() -> None:
     coreset = Gains.of(result(0.80), None, result(0.78))
     assert coreset.over_start is None and coreset.to_dict()["gain_over_random_real_points"] == pytest.approx(2.0)
     assert "no start" in coreset.describe()
+
+
+@pytest.mark.parametrize(
+    ("distill", "start"),
+    [
+        ({"method": "dm", "factor": 2, "labels": "teacher"}, True),
+        ({"method": "mtt", "syn_steps": 5, "num_experts": 2}, True),
+        ({"method": "rded", "factor": 2}, False),
+    ],
+)
+def test_federated_references_of_every_method_are_valid_runs(distill: dict, start: bool) -> None:
+    """The random-real reference is whole real images with none of the method's own keys; a start is the run at zero."""
+    protocol = "soft-label-kd" if distill.get("labels") == "teacher" else "hard-label"
+    config = parse_config({"data": {"name": "digits"}, "distill": distill, "eval": {"protocol": protocol}})
+    references = reference_configs(config)
+    real = references[RANDOM_REAL]
+    assert real.distill.method == "random" and real.distill.factor == 1 and real.distill.labels == config.distill.labels
+    assert (START_ALONE in references) == start
+    if start:
+        assert references[START_ALONE].distill.iterations == 0
+        assert references[START_ALONE].distill.factor == config.distill.factor
