@@ -16,3 +16,9 @@ run --method dc --ipc 1 --iterations 50 --batch-real 64 --num-nets 3
 run --method dsa --ipc 1 --iterations 50 --batch-real 64 --num-nets 3
 run --method dc --ipc 10 --iterations 3 --batch-real 64 --num-nets 2
 for m in random herding kcenter; do run --method $m --ipc 50 --num-nets 1; done
+# Decoupled and factorised rows (2026-12-06): RDED's teacher is cached in runs/bench/.cache by the first row.
+run --method rded --ipc 10 --num-nets 3 --teacher-epochs 5
+run --method rded --ipc 10 --factor 2 --num-nets 3 --teacher-epochs 5
+run --method rded --ipc 10 --factor 2 --labels teacher --protocol soft-label-kd --num-nets 3 --teacher-epochs 5
+run --method rded --ipc 10 --labels teacher --protocol soft-label-kd --num-nets 3 --teacher-epochs 5
+$PY -m benchmarks.bench_accuracy_per_hour --methods rded rded:f2 dm dm:f2 --minutes 8 --checkpoints 1 2 4 8 --num-nets 1
