@@ -20,6 +20,7 @@ from fedistill.synthetic import SyntheticSet, decode, encode
 from fedistill.teacher import one_hot_labelled, soft_label, teacher_and_cost, train_teacher
 from fedistill.training import TrainSettings, evaluate_set
 from server.validation import InvalidReply, ReplyLimits, validate_set_arrays
+from tests.worth import accuracy_and_random_real
 
 SMALL = ModelSpec(width=16, depth=2)
 CPU = torch.device("cpu")
@@ -163,16 +164,9 @@ def test_rded_composes_the_teachers_most_typical_crops(digits_train: ImageData) 
 def test_rded_beats_random_real_on_digits(digits_train: ImageData, digits_test: ImageData) -> None:
     """Hard-label protocol, the same stored images: RDED's composed crops teach more than random real images."""
     images, labels = tensors(digits_train)
-    test_x, test_y = tensors(digits_test)
-    train = TrainSettings(epochs=300)
     rded = get_distiller("rded")(SMALL, DistillSettings(ipc=1, teacher_epochs=10), CPU)(images, labels, 10, seed=0)
-    rded_acc = evaluate_set(rded, test_x, test_y, SMALL, train, CPU, seed=0, num_nets=1).mean
-    random_accs = [
-        evaluate_set(random_real_like(rded, images, labels, torch.Generator().manual_seed(s)), test_x, test_y, SMALL,
-                     train, CPU, seed=0, num_nets=1).mean
-        for s in range(3)
-    ]
-    assert rded_acc > np.mean(random_accs) + 0.03, (rded_acc, random_accs)
+    rded_acc, random_acc = accuracy_and_random_real(rded, images, labels, tensors(digits_test), SMALL)
+    assert rded_acc > random_acc + 0.03, (rded_acc, random_acc)
 
 
 def test_soft_label_configs_name_the_key() -> None:

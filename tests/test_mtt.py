@@ -26,8 +26,7 @@ from fedistill.distill.mtt import (
 )
 from fedistill.experts import flat_parameters, train_experts
 from fedistill.models import ModelSpec, build_model
-from fedistill.references import random_real_like
-from fedistill.training import TrainSettings, evaluate_set
+from tests.worth import accuracy_and_random_real
 
 SMALL = ModelSpec(width=16, depth=2)
 CPU = torch.device("cpu")
@@ -159,14 +158,7 @@ def test_mtt_configs_name_the_key() -> None:
 def test_mtt_beats_random_real_on_digits(digits_train: ImageData, digits_test: ImageData) -> None:
     """Hard-label protocol, one image per class: trajectory-matched images teach more than random real ones."""
     images, labels = tensors(digits_train)
-    test_x, test_y = tensors(digits_test)
-    train = TrainSettings(epochs=300)
     settings = DistillSettings(ipc=1, iterations=100, dsa=False, lr_images=10.0)  # 8x8 images: see MTT_LR_IMAGES
     mtt = get_distiller("mtt")(SMALL, settings, CPU)(images, labels, 10, seed=0)
-    mtt_acc = evaluate_set(mtt, test_x, test_y, SMALL, train, CPU, seed=0, num_nets=1).mean
-    random_accs = [
-        evaluate_set(random_real_like(mtt, images, labels, torch.Generator().manual_seed(s)), test_x, test_y, SMALL,
-                     train, CPU, seed=0, num_nets=1).mean
-        for s in range(3)
-    ]
-    assert mtt_acc > np.mean(random_accs) + 0.05, (mtt_acc, random_accs)
+    mtt_acc, random_acc = accuracy_and_random_real(mtt, images, labels, tensors(digits_test), SMALL)
+    assert mtt_acc > random_acc + 0.05, (mtt_acc, random_acc)
