@@ -21,4 +21,4 @@ run --method rded --ipc 10 --num-nets 3 --teacher-epochs 5
 run --method rded --ipc 10 --factor 2 --num-nets 3 --teacher-epochs 5
 run --method rded --ipc 10 --factor 2 --labels teacher --protocol soft-label-kd --num-nets 3 --teacher-epochs 5
 run --method rded --ipc 10 --labels teacher --protocol soft-label-kd --num-nets 3 --teacher-epochs 5
-$PY -m benchmarks.bench_accuracy_per_hour --methods rded rded:f2 dm dm:f2 --minutes 8 --checkpoints 1 2 4 8 --num-nets 1
+$PY -m benchmarks.bench_accuracy_per_hour --methods rded rded:f2 dm dm:f2 --minutes 8 --checkpoints 2 8 --num-nets 1
