@@ -83,6 +83,9 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     del full_train
     distill_settings = cfg.distill.settings(cfg.data.name, cache_dir=Path(cfg.output_dir) / CACHE_DIR)
     distiller = get_distiller(cfg.distill.method)(cfg.model.spec(), distill_settings, device, **private)
+    if distiller.needs_teacher():
+        console.print(f"teacher: {cfg.distill.teacher_epochs} epochs on {len(train)} images, read from "
+                      f"{distill_settings.cache_dir} when an earlier run trained it", markup=False, highlight=False)
     iterations: list[int] = []
     losses: list[float] = []
     started = time.perf_counter()

@@ -211,3 +211,10 @@ def test_a_teacher_is_read_from_the_cache_for_the_same_data_only(digits_train: I
     assert len(calls) == 3 and len(list(tmp_path.glob("teacher-*.safetensors"))) == 3
     _, cost = teacher_and_cost(images, labels, 10, SMALL, epochs=1, seed=3, cache_dir=tmp_path)
     assert len(calls) == 3 and cost > 0  # read from the cache, with the seconds its training took
+
+
+def test_runs_that_train_a_teacher_say_so() -> None:
+    """RDED always trains one; other methods only to soft-label their result (the runner announces it)."""
+    assert get_distiller("rded")(SMALL, DistillSettings(), CPU).needs_teacher()
+    assert not get_distiller("dm")(SMALL, DistillSettings(), CPU).needs_teacher()
+    assert get_distiller("dm")(SMALL, DistillSettings(labels="teacher"), CPU).needs_teacher()

@@ -94,6 +94,12 @@ class Distiller(ABC):
     """Whether the method reads the data only through DP mechanisms (``distill.private.PrivateDistiller``)."""
     factorised: ClassVar[bool] = False
     """Whether the method can store ``settings.factor**2`` smaller images per image."""
+    uses_teacher: ClassVar[bool] = False
+    """Whether the method itself trains a teacher on the real images (RDED), whatever ``settings.labels``."""
+
+    def needs_teacher(self) -> bool:
+        """Whether this run trains a teacher: for the method, or to soft-label its result."""
+        return self.uses_teacher or self.settings.labels == "teacher"
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ class RealPatchComposition(Distiller):
 
     refines = False
     factorised = True
+    uses_teacher = True
 
     def distill(
         self,
