@@ -43,7 +43,7 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
         "seed": 0,
         "device": "cpu",
         "output_dir": args.output,
-        "data": {"name": "fashion-mnist", "train_subset": args.train_images},
+        "data": {"name": "fashion-mnist", "train_subset": args.train_images, **public_data(args)},
         "partition": {"scheme": "dirichlet", "num_clients": 10, "alpha": 0.5, "min_partition_size": 100},
         "model": {"width": 64},
         "eval": {"epochs": args.eval_epochs, "num_nets": args.num_nets, "dsa": args.eval_dsa},
@@ -108,6 +108,9 @@ def main() -> None:
         default="noise",
         help="distillers' starting images: noise, or the public split's images (no privacy cost)",
     )
+    parser.add_argument("--public", default="rest", choices=["rest", "digits"],
+                        help="with --init public: the training images no client holds, or scikit-learn's digits (OOD)")
+    parser.add_argument("--public-size", type=int, default=None, help="with --init public: a pool of this many images")
     parser.add_argument("--aggregation", default="union", choices=["union", "class-weighted"])
     parser.add_argument("--eval-epochs", type=int, default=300)
     parser.add_argument("--eval-dsa", action="store_true")
@@ -170,13 +173,26 @@ def main() -> None:
         )
 
 
+def public_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``[data]`` keys of the public pool; none unless the row starts from public images."""
+    if args.init != "public" or args.method == "dp-fedavg":
+        return {}
+    return {"public": args.public, **({"public_size": args.public_size} if args.public_size else {})}
+
+
+def public_tag(args: argparse.Namespace) -> str:
+    """``-digits``, ``-pool100``: the public setting in a row's name (empty for the whole in-distribution rest)."""
+    tag = "" if args.public == "rest" else f"-{args.public}"
+    return tag + (f"-pool{args.public_size}" if args.public_size else "")
+
+
 def row_name(args: argparse.Namespace) -> str:
     """The row file's stem; a distiller at zero iterations is its starting set alone (epsilon: the counts only)."""
     if args.method == "dp-fedavg":
         return f"dp-fedavg-eps{args.epsilon:g}" + ("" if args.lr == DP_FEDAVG_LR else f"-lr{args.lr:g}")
     if args.iterations == 0:
-        return f"{args.method}-{args.init}-start-only"
-    variant = "-public" if args.init == "public" else ""
+        return f"{args.method}-{args.init}{public_tag(args)}-start-only"
+    variant = f"-public{public_tag(args)}" if args.init == "public" else ""
     return f"{args.method}{variant}-eps{args.epsilon:g}" + ("" if args.lr is None else f"-lr{args.lr:g}")
 
 
@@ -186,7 +202,9 @@ def budget(args: argparse.Namespace) -> str:
         return f"{args.rounds} rounds x {args.local_epochs} Poisson epoch(s), lr {args.lr:g}, {common}"
     extra = f" x {args.outer_loop} releases (inner {args.inner_loop})" if args.method == "dp-gm" else ""
     evaluation = f"eval {args.eval_epochs} epochs x {args.num_nets} net(s){' +DSA' if args.eval_dsa else ''}"
-    start = "from public images" if args.init == "public" else "from noise"
+    pool = ("digits (OOD)" if args.public == "digits" else "public") + (
+        f" images, a pool of {args.public_size}" if args.public_size else " images")
+    start = f"from {pool}" if args.init == "public" else "from noise"
     lr = "" if args.lr is None else f", image lr {args.lr:g}"
     return f"IPC 10 {start}, {args.iterations} iterations{extra}{lr}, {common}, {args.aggregation}, {evaluation}"
 

@@ -65,7 +65,7 @@ _PUBLIC: dict[str, ImageData] = {}
 
 
 def load_public(config: ExperimentConfig) -> ImageData:
-    """The public training images (after ``data.train_subset``; no client holds them), cached per process."""
+    """The public pool (``data.public``, ``data.public_size``; no client holds it), cached per process."""
     key = config.model_dump_json(include={"data"})
     if key not in _PUBLIC:
         data = config.data

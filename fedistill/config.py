@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedistill.aggregation import available_aggregators
 from fedistill.attack_config import MODEL_DEFENSES, SET_DEFENSES, AttackConfig
 from fedistill.augment import default_strategy, parse_strategy
-from fedistill.data import ImageData, dataset_info
+from fedistill.data import ImageData, dataset_info, load_dataset
+from fedistill.data.public import public_pool, reshaped_for
 from fedistill.distill import DistillSettings, available_methods, get_distiller
 from fedistill.models import ModelSpec
 from fedistill.privacy.config import PrivacyConfig
@@ -47,11 +48,19 @@ class DataConfig(_Section):
         ge=1,
         description="use only the first N training images; the rest is public (distill.init = 'public')",
     )
+    public: Literal["rest", "digits"] = Field(
+        default="rest",
+        description="public images for distill.init = 'public': the training images after train_subset "
+        "(in-distribution) or scikit-learn's digits, resized (out-of-distribution)",
+    )
+    public_size: int | None = Field(default=None, ge=1, description="keep a pool of this many public images")
 
     @model_validator(mode="after")
     def _npz_needs_path(self) -> DataConfig:
         if self.name == "npz" and self.path is None:
             raise ValueError("data.path is required when data.name = 'npz'")
+        if self.public == "digits" and self.name == "digits":
+            raise ValueError("data.public 'digits' is the private dataset itself; allowed for data.name digits: rest")
         return self
 
     def private_train(self, train: ImageData) -> ImageData:
@@ -61,13 +70,19 @@ class DataConfig(_Section):
         return train.subset(np.arange(min(self.train_subset, len(train))))
 
     def public_train(self, train: ImageData) -> ImageData:
-        """The training images after ``train_subset``: no client holds them, so they cost no privacy."""
+        """The public pool (``fedistill.data.public``): no client holds these images, so they cost no privacy.
+
+        ``train`` is the private dataset's whole training split (its rest is the
+        ``rest`` source; its metadata shapes the ``digits`` source).
+        """
+        if self.public == "digits":
+            return public_pool(reshaped_for(load_dataset("digits", "train"), train.info), self.public_size)
         if self.train_subset is None or self.train_subset >= len(train):
             raise ConfigError(
                 f"distill.init 'public': data.train_subset ({self.train_subset}) leaves no public training images "
                 f"(the split has {len(train)}); set it below {len(train)}"
             )
-        return train.subset(np.arange(self.train_subset, len(train)))
+        return public_pool(train.subset(np.arange(self.train_subset, len(train))), self.public_size)
 
 
 class PartitionConfig(_Section):
@@ -352,6 +367,11 @@ class ExperimentConfig(_Section):
                 raise ValueError(f"distill.method {self.distill.method!r} needs privacy.enabled = true")
             if self.distill.init == "public":
                 raise ValueError("distill.init 'public' is for private methods; allowed without privacy: real, noise")
+        if self.distill.init != "public":
+            for key in ("public", "public_size"):
+                if getattr(self.data, key) != DataConfig.model_fields[key].default:
+                    raise ValueError(f"data.{key} is read only with distill.init = 'public' (and privacy.enabled)")
+        if not self.privacy.enabled:
             return self
         private_methods = ", ".join(m for m in available_methods() if get_distiller(m).private)
         if self.federation.protocol not in PRIVATE_PROTOCOLS:
@@ -368,7 +388,7 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "distill.init 'real' would start the set from private images; allowed with privacy: noise, public"
             )
-        if self.distill.init == "public" and self.data.train_subset is None:
+        if self.distill.init == "public" and self.data.public == "rest" and self.data.train_subset is None:
             raise ValueError(
                 "distill.init 'public' starts from the training images after data.train_subset, which no client "
                 "holds; set data.train_subset"
