@@ -267,6 +267,15 @@ def client_sets(run: AuditRun) -> list[ClientSet]:
     return sets
 
 
+def initial_rows(run: AuditRun) -> np.ndarray:
+    """Training rows the clients' sets started from, as their replies recorded them (``init_rows``), every round."""
+    paths = sorted(run.run_dir.glob("clients/partition-*.safetensors")) + sorted(
+        run.run_dir.glob("round-*/partition-*.safetensors"))
+    rows = [np.asarray(SyntheticSet.load(path).provenance.get("init_rows", []), dtype=np.int64) for path in paths]
+    found = np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
+    return found[(found >= 0) & (found < len(run.train))]
+
+
 def undefended_model(run: AuditRun) -> tuple[nn.Module, float]:
     """The global network the server would have trained on the last round without the defence (same seed)."""
     aggregate, _ = aggregate_round(client_sets(run), run.config, run.test, run.device, defense="none")
@@ -424,9 +433,27 @@ def audit_membership(run: AuditRun) -> dict[str, Any]:
         reports += _attack_all(run, "random-real (model)", real_attacks, real_members, real_non_members)
         subset = to_pixels(run.train.subset(rows), run.device)
         reports += _attack_all(run, "random-real (set)", [NearestNeighbour(subset)], real_members, real_non_members)
+    reports += _initial_image_targets(run, attacks[:2], label, count, notes)
     plot = plot_roc(reports, run.run_dir / AUDIT_DIR / "roc.png")
     return {"members": "clients' training images", "non_members": "test images", "reports": reports,
             "notes": notes, "plot": str(plot.relative_to(run.run_dir))}
+
+
+def _initial_image_targets(run: AuditRun, model_attacks: list[MembershipAttack], label: str, count: int,
+                           notes: list[str]) -> list[dict[str, Any]]:
+    """The worst case: members are the images the sets started from (random members rarely are), reported apart."""
+    rows = initial_rows(run)
+    if rows.size == 0 or run.aggregate is None:
+        notes.append("no initial-image targets: no set recorded real starting images (noise or public starts)")
+        return []
+    rng = np.random.default_rng(run.seed + TARGET_SEED_OFFSET + 2)
+    picked = rng.choice(rows, min(count, len(rows)), replace=False)
+    members = _candidates(run, run.train, picked)
+    non_members = _candidates(run, run.test, rng.choice(len(run.test), len(picked), replace=False))
+    released = denormalize(run.aggregate.decoded().images, run.test.info).to(run.device)
+    return (_attack_all(run, f"{label} (global model), initial-image targets", model_attacks, members, non_members)
+            + _attack_all(run, f"{label} (set), initial-image targets", [NearestNeighbour(released)], members,
+                          non_members))
 
 
 def membership_points(membership: dict[str, Any]) -> list[tuple[str, float, float, int, int]]:

@@ -34,6 +34,7 @@ from fedistill.synthetic import SyntheticSet
 from wire.messages import (
     CONTINUED,
     IDENTIFY,
+    INIT_ROWS,
     NUM_PARTITIONS,
     PARTITION_ID,
     PREVIOUS_SET,
@@ -50,11 +51,20 @@ from wire.messages import (
 app = ClientApp()
 
 
-_PARTITIONS: dict[tuple[str, int, int], ImageData] = {}
+_PARTITIONS: dict[tuple[str, int, int], tuple[ImageData, np.ndarray]] = {}
 
 
 def load_partition(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ImageData:
     """This node's share of the training split, cached per process; partitioning is seeded, so nodes agree on it."""
+    return _cached_partition(config, partition_id, num_partitions)[0]
+
+
+def partition_rows(config: ExperimentConfig, partition_id: int, num_partitions: int) -> np.ndarray:
+    """The rows of the (private) training split this node holds, in the order of ``load_partition``'s images."""
+    return _cached_partition(config, partition_id, num_partitions)[1]
+
+
+def _cached_partition(config: ExperimentConfig, partition_id: int, num_partitions: int) -> tuple[ImageData, np.ndarray]:
     key = (config.model_dump_json(include={"seed", "data", "partition"}), partition_id, num_partitions)
     if key not in _PARTITIONS:
         _PARTITIONS[key] = _partition(config, partition_id, num_partitions)
@@ -73,7 +83,7 @@ def load_public(config: ExperimentConfig) -> ImageData:
     return _PUBLIC[key]
 
 
-def _partition(config: ExperimentConfig, partition_id: int, num_partitions: int) -> ImageData:
+def _partition(config: ExperimentConfig, partition_id: int, num_partitions: int) -> tuple[ImageData, np.ndarray]:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"node_config partition-id {partition_id} is outside [0, {num_partitions})")
     train = config.data.private_train(
@@ -91,7 +101,7 @@ def _partition(config: ExperimentConfig, partition_id: int, num_partitions: int)
         min_partition_size=part.min_partition_size,
         seed=config.seed,
     )
-    return client_data(train, partitioning, partition_id)
+    return client_data(train, partitioning, partition_id), np.asarray(partitioning.indices[partition_id])
 
 
 def expert_cache(config: ExperimentConfig) -> Path:
@@ -153,6 +163,8 @@ def distill_partition(
         "seconds": seconds,
         "source-counts": [int(c) for c in syn.source_counts],
     }
+    if privacy is None and "init_rows" in syn.provenance:
+        metrics[INIT_ROWS] = syn.provenance["init_rows"]  # rows of ``data``; the node maps them to its split's
     return syn, metrics
 
 
@@ -217,6 +229,9 @@ def train(msg: Message, context: Context) -> Message:
     arrays, metrics = _distill_round(msg, context, config, data, device, seed, None, hook)
     if backdoor is not None:
         backdoor.trigger.save(trigger_path(config, partition_id), round=server_round)
+    local_rows = metrics.pop(INIT_ROWS, None)
+    if local_rows is not None and poisoned is None:  # a poisoned partition's rows are not the split's
+        metrics[INIT_ROWS] = partition_rows(config, partition_id, num_partitions)[local_rows].tolist()
     metrics = {**metrics, PARTITION_ID: partition_id}
     content = RecordDict({"set": arrays, "metrics": MetricRecord(metrics)})
     return _with_kept_state(Message(content, reply_to=msg), context)

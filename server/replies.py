@@ -37,7 +37,7 @@ from server.validation import (
     client_error,
     validate_set_arrays,
 )
-from wire.messages import PARTITION_ID, RESTORE_PREFIX, STATE_PREFIX, experiment_record
+from wire.messages import INIT_ROWS, PARTITION_ID, RESTORE_PREFIX, STATE_PREFIX, experiment_record
 
 log = logging.getLogger("fedistill.server")
 
@@ -113,6 +113,10 @@ def read_reply(reply: Message, limits: ReplyLimits, num_partitions: int) -> Clie
         raise InvalidReply(f"source-counts: declared {list(metrics['source-counts'])} but the set says {counts}")
     if "num-examples" in metrics and metrics["num-examples"] != sum(counts):
         raise InvalidReply(f"num-examples: declared {metrics['num-examples']} but source_counts sum to {sum(counts)}")
+    if INIT_ROWS in metrics:
+        if len(metrics[INIT_ROWS]) > len(syn) * syn.factor**2:
+            raise InvalidReply(f"init-rows: {len(metrics[INIT_ROWS])} rows for a set of {len(syn) * syn.factor**2} images")
+        syn.provenance["init_rows"] = metrics[INIT_ROWS]  # kept with the set in the run directory for the audit
     state = {}
     for name, value in content.items():
         if name.startswith(STATE_PREFIX):

@@ -138,8 +138,8 @@ def check_client_metrics(metrics: Mapping[str, Any], num_partitions: int) -> dic
     ``partition-id`` is required: it keys the node's sets and kept state
     (node ids change when a node restarts or a run resumes). ``seconds``
     must be a finite non-negative number, ``num-examples`` a non-negative
-    integer, ``source-counts`` a list of integers and ``continued`` 0 or 1
-    where present. Other keys pass through
+    integer, ``source-counts`` a list of integers, ``continued`` 0 or 1 and
+    ``init-rows`` a list of non-negative integers where present. Other keys pass through
     untouched (Flower has already restricted them to numbers and lists of
     numbers).
     """
@@ -163,6 +163,11 @@ def check_client_metrics(metrics: Mapping[str, Any], num_partitions: int) -> dic
         checked["source-counts"] = [int(count) for count in counts]
     if "continued" in checked and checked["continued"] not in (0, 1):
         raise InvalidReply(f"continued: must be 0 or 1, got {checked['continued']!r}")
+    if "init-rows" in checked:
+        rows = checked["init-rows"]
+        if not isinstance(rows, list) or not all(_is_integer(row) and row >= 0 for row in rows):
+            raise InvalidReply("init-rows: must be a list of integers >= 0")
+        checked["init-rows"] = [int(row) for row in rows]
     return checked
 
 

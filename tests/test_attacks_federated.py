@@ -12,12 +12,13 @@ from flwr.app import Message
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from attacks.backdoor import trigger_path
 import clients.app
-from clients.app import load_partition
+from attacks.backdoor import trigger_path
+from clients.app import load_partition, partition_rows
 from fedistill.config import ConfigError, ExperimentConfig, from_run_config, load_config, parse_config, to_run_config
 from fedistill.data import load_dataset
 from fedistill.runs import save_config
+from fedistill.synthetic import SyntheticSet
 from launch.cli import app
 from server.baselines import run_baseline
 from server.compare import baseline_config
@@ -174,6 +175,20 @@ def test_audit_end_to_end(attacked_run: Path) -> None:
     real_set = next(r for r in audit["membership"]["reports"] if r["target"] == "random-real (set)")
     assert real_set["auc"] == 1.0  # released real images are found exactly
     assert audit["dp_check"]["status"].startswith("no privacy ledger")
+    # Worst-case targets: the rows the honest clients' sets recorded as their starting images.
+    config = load_config(attacked_run / "config.toml")
+    sets = {path.stem: SyntheticSet.load(path) for path in sorted((attacked_run / "clients").glob("*.safetensors"))}
+    assert "init_rows" not in sets["partition-0001"].provenance  # the poisoned client's rows are not the split's
+    for partition in (0, 2):
+        syn = sets[f"partition-{partition:04d}"]
+        rows = syn.provenance["init_rows"]
+        assert len(rows) == len(syn) and set(rows) <= set(partition_rows(config, partition, 3).tolist())
+    by_target = {(r["target"], r["attack"]): r for r in audit["membership"]["reports"]}
+    initial = by_target[("synthetic (set), initial-image targets", "nn-distance")]
+    honest = len(sets["partition-0000"]) + len(sets["partition-0002"])
+    assert initial["members"] == honest and initial["auc"] > 0.9  # 5 iterations leave the starting images findable
+    assert initial["auc"] > by_target[("synthetic (set)", "nn-distance")]["auc"]
+    assert ("synthetic (global model), initial-image targets", "loss") in by_target
     for name in ("robust_accuracy.png", "backdoor.png", "roc.png", "triggered_examples.png"):
         assert (attacked_run / "audit" / name).stat().st_size > 0
     assert "audit: " in result.output and "membership" in result.output

@@ -12,6 +12,7 @@ from fedistill.distill import DistillSettings, get_distiller
 from fedistill.models import ModelSpec
 from fedistill.privacy import PrivacyLedger, PrivateData
 from fedistill.references import Gains, random_real_like, start_alone
+from fedistill.synthetic import encode
 from fedistill.training import EvalResult
 from server.compare import RANDOM_REAL, START_ALONE, reference_configs
 
@@ -94,3 +95,16 @@ def test_federated_references_of_every_method_are_valid_runs(distill: dict, star
     if start:
         assert references[START_ALONE].distill.iterations == 0
         assert references[START_ALONE].distill.factor == config.distill.factor
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_a_set_records_the_real_rows_it_started_from(digits_train: ImageData, factor: int) -> None:
+    """``init_rows``: the membership audit's worst-case targets are exactly the images the start shows."""
+    images, labels = digits_train.normalized(), torch.from_numpy(digits_train.labels)
+    start = start_alone(get_distiller("dm"), SPEC, settings(factor=factor), CPU, images, labels, 10, seed=4)
+    assert start is not None
+    rows = torch.tensor(start.provenance["init_rows"])
+    assert len(rows) == len(start) * factor**2 and torch.equal(labels[rows], start.decoded().labels)
+    torch.testing.assert_close(start.images, encode(images[rows], factor))
+    noise = start_alone(get_distiller("dm"), SPEC, settings(init="noise"), CPU, images, labels, 10, seed=4)
+    assert noise is not None and "init_rows" not in noise.provenance

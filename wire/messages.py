@@ -70,6 +70,10 @@ PREVIOUS_SET = "previous-set"
 CONTINUED = "continued"
 """Reply metric: 1 if the node continued from its previous set, 0 if it started afresh."""
 
+INIT_ROWS = "init-rows"
+"""Reply metric of a non-private set started from real images: the rows of the node's training split it
+started from (the membership audit's worst-case targets). The server sees those images in the set anyway."""
+
 RESTORE_PREFIX = "restore."
 """Train-message records ``restore.<key>``: state the node should hold in ``context.state[<key>]``."""
 

@@ -134,6 +134,8 @@ class Distiller(ABC):
         self.start = start
         self.on_iteration = on_iteration
         self.teacher = teacher
+        self.initial_rows: torch.Tensor | None = None
+        """Rows of the real images the set started from (``settings.init = "real"``), in stored tile order."""
 
     def teacher_for(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int) -> nn.Module:
         """The teacher of these real images: the one given, else trained once and kept on this distiller."""
@@ -166,9 +168,16 @@ class Distiller(ABC):
         budgets: np.ndarray,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """The images optimisation starts from: the ``start`` set when given, else ``settings.init``."""
+        """The images optimisation starts from: the ``start`` set when given, else ``settings.init``.
+
+        Real starting images are remembered (``initial_rows``): the set records
+        them as ``init_rows``, the membership audit's worst-case targets.
+        """
         if self.start is None:
-            return initial_images(images, rows_per_class, budgets, self.settings.init, generator, self.settings.factor)
+            start, self.initial_rows = initial_images(
+                images, rows_per_class, budgets, self.settings.init, generator, self.settings.factor
+            )
+            return start
         return self.start_images(images.shape[1:], budgets).to(images.dtype)
 
     def start_images(self, image_shape: torch.Size | tuple[int, ...], budgets: np.ndarray) -> torch.Tensor:
@@ -210,6 +219,8 @@ class Distiller(ABC):
         if self.settings.labels == "teacher" and len(result):
             teacher = self.teacher_for(images, labels, num_classes, seed)
             result = soft_label(result, teacher, self.settings.temperature)
+        if self.initial_rows is not None:
+            result.provenance["init_rows"] = self.initial_rows.tolist()
         result.provenance.setdefault("method", self.name)
         result.provenance.setdefault("ipc", self.settings.ipc)
         result.provenance.setdefault("seed", seed)
@@ -240,18 +251,19 @@ def initial_images(
     init: str,
     generator: torch.Generator,
     factor: int = 1,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Starting synthetic images, class by class: random real images of the class, or Gaussian noise.
 
     With ``factor`` > 1 each starting image tiles ``factor**2`` shrunk real
     images of its class (IDC's initialisation); a class with fewer real images
-    than tiles repeats some.
+    than tiles repeats some. Also returns the rows of ``images`` used, in tile
+    order (None for noise).
     """
     if init not in ("real", "noise"):
         raise ValueError(f"distill.init: unknown value {init!r}; allowed: real, noise")
     check_factor(factor, tuple(images.shape[2:]))
     tiles = factor * factor
-    parts = []
+    parts, used = [], []
     for rows, budget in zip(rows_per_class, budgets):
         if budget == 0:
             continue
@@ -260,10 +272,14 @@ def initial_images(
             pool = rows.repeat(-(-wanted // len(rows))) if len(rows) < wanted else rows
             picked = pool[torch.randperm(len(pool), generator=generator)[:wanted].to(rows.device)]
             parts.append(encode(images[picked].detach().clone(), factor))
+            used.append(picked.cpu())
         else:
             noise = torch.randn((int(budget), *images.shape[1:]), generator=generator)
             parts.append(noise.to(images.device, images.dtype))
-    return torch.cat(parts) if parts else images.new_zeros((0, *images.shape[1:]))
+    start = torch.cat(parts) if parts else images.new_zeros((0, *images.shape[1:]))
+    if init != "real":
+        return start, None
+    return start, torch.cat(used) if used else torch.zeros(0, dtype=torch.int64)
 
 
 def sample_rows(rows: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
