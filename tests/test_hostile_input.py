@@ -182,8 +182,19 @@ def test_a_valid_reply_is_accepted_with_its_partition() -> None:
     })
     collector = collect_one(reply_with(content))
     assert [c.client_id for c in collector.outcome.accepted] == ["partition-0001"] and not collector.outcome.rejected
+    assert "init_rows" not in collector.outcome.accepted[0].set.provenance
     assert collector.outcome.state[1] == {"ledger": {"kind": "config", "values": {"epsilon": 1.5}}}
     assert_sound(collector)
+
+
+def test_the_rows_a_set_started_from_are_kept_with_it() -> None:
+    arrays = valid_set()
+    content = RecordDict({
+        "set": ArrayRecord({key: Array(value) for key, value in arrays.items()}),
+        "metrics": MetricRecord({**valid_metrics(arrays), "init-rows": [7, 3, 11]}),
+    })
+    (client,) = collect_one(reply_with(content)).outcome.accepted
+    assert client.set.provenance["init_rows"] == [7, 3, 11]
 
 
 @pytest.mark.parametrize(
@@ -196,6 +207,8 @@ def test_a_valid_reply_is_accepted_with_its_partition() -> None:
         (lambda m, a, c: m.update({"source-counts": [5, 1, 3]}), "source-counts: declared"),
         (lambda m, a, c: m.update({"num-examples": 99}), "num-examples: declared 99"),
         (lambda m, a, c: m.update({"continued": 5}), "continued: must be 0 or 1"),
+        (lambda m, a, c: m.update({"init-rows": [3, -1]}), "init-rows: must be a list of integers >= 0"),
+        (lambda m, a, c: m.update({"init-rows": list(range(50))}), "init-rows: 50 rows for a set of"),
         (lambda m, a, c: a.update({"labels": np.array([0, 0, 0, 2])}), "labels: class 0 has 3 images, more than the 2"),
         (lambda m, a, c: c.__setitem__("state.x", ConfigRecord({"b": b"\x00" * 10})), "state.x.b: client state holds"),
         (lambda m, a, c: c.__setitem__("state.x", ArrayRecord({})), "state.x: client state must be"),
