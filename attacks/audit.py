@@ -15,7 +15,9 @@ run's ``[attack]`` section (plus ``--set attack.*`` overrides) asks:
   the global model, nearest-neighbour distance against the set, the same
   against a random real subset of the set's size; members are the clients'
   images, non-members test images;
-- the DP bound at the reported points when the run carries a privacy ledger.
+- the DP bound at the reported points when the run carries a privacy ledger;
+- with ``attack.canary.count``, the one-run canary audit of one client's
+  release (``attacks.canary``): an empirical epsilon beside the ledger's.
 
 Randomness comes from the run's seed, so an audit repeats.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from attacks.backdoor import Trigger, backdoor_metrics, configured_trigger, trigger_path
+from attacks.canary import Releaser, canary_audit
 from attacks.defenses import aggregate_round
 from attacks.evasion import EVASION, robust_accuracy
 from attacks.membership import (
@@ -487,10 +491,25 @@ def audit_dp(run: AuditRun, membership: dict[str, Any] | None) -> dict[str, Any]
     return result
 
 
+def audit_canary(run: AuditRun, release_for: CanaryRelease | None) -> dict[str, Any]:
+    """The one-run canary audit of ``attack.canary.client``'s round-1 release, canaries drawn from the test split."""
+    cfg = run.config.attack.canary
+    if release_for is None:
+        raise AuditError("attack.canary.count: the canary audit re-runs a client's release; use `fedistill audit`")
+    run.console.print(f"audit: canary audit, {cfg.count} canaries into client {cfg.client}'s release (one run)")
+    data, release = release_for(run.config, cfg.client, run.device)
+    return {"client": cfg.client, **canary_audit(data, run.test, release, cfg.count, run.seed, run.device,
+                                                 cfg.significance)}
+
+
 # ------------------------------------------------------------------ the command
 
+CanaryRelease = Callable[[ExperimentConfig, int, torch.device], tuple[ImageData, Releaser]]
+"""A client's data and its release (``clients.app.canary_release``), given by the caller: this floor has no Flower."""
 
-def run_audit(run_dir: Path, overrides: dict[str, Any] | None = None, console: Console | None = None) -> dict[str, Any]:
+
+def run_audit(run_dir: Path, overrides: dict[str, Any] | None = None, console: Console | None = None,
+              canary_release: CanaryRelease | None = None) -> dict[str, Any]:
     """Audit a run directory; writes ``audit.json`` and ``audit/*.png`` there and returns the audit."""
     console = console or Console()
     started = time.perf_counter()
@@ -513,6 +532,8 @@ def run_audit(run_dir: Path, overrides: dict[str, Any] | None = None, console: C
     if attack.membership.enabled:
         audit["membership"] = audit_membership(run)
     audit["dp_check"] = audit_dp(run, audit.get("membership"))
+    if attack.canary.count:
+        audit["canary"] = audit_canary(run, canary_release)
     if "random-real" in run.cache:
         audit["references"] = {"random-real": {"images": len(run.cache["random-real"][1]),
                                                "accuracy": run.cache["random-real"][2]}}
@@ -522,10 +543,9 @@ def run_audit(run_dir: Path, overrides: dict[str, Any] | None = None, console: C
     audit["seconds"] = time.perf_counter() - started
     write_json(run.run_dir / "audit.json", audit)
     console.print(audit_table(audit))
-    if audit["dp_check"].get("violated"):
-        console.print("DP BOUND VIOLATED: an attack proves a larger epsilon than the ledger's; see dp_check in "
-                      "audit.json",
-                      style="bold red", markup=False)
+    if dp_violated(audit):
+        console.print("DP BOUND VIOLATED: an attack proves a larger epsilon than the ledger's; see dp_check and "
+                      "canary in audit.json", style="bold red", markup=False)
     return audit
 
 
@@ -555,7 +575,19 @@ def audit_table(audit: dict[str, Any]) -> Table:
                   f"claimed {dp['eps']:.4g} at delta {dp['delta']:g}")
         verdict = ("VIOLATED: " if dp["violated"] else "holds: ") + proven
     table.add_row("dp bound", "TPR <= e^eps FPR + delta", verdict)
+    canary = audit.get("canary")
+    if canary:
+        claimed = "not private" if canary["claimed_epsilon"] is None else f"ledger eps {canary['claimed_epsilon']:.4g}"
+        table.add_row("dp canary", f"one run, {canary['canaries']} canaries into client {canary['client']}",
+                      ("VIOLATED: " if canary["violated"] else "") + f"empirical eps >= "
+                      f"{canary['epsilon_lower_bound']:.3g} ({100 * (1 - canary['significance']):.0f}%); {claimed}")
     return table
 
 
-__all__ = ["REPORTED_FPRS", "AuditError", "AuditRun", "audit_table", "membership_points", "open_run", "run_audit"]
+def dp_violated(audit: dict[str, Any]) -> bool:
+    """Whether the membership check or the canary audit proves more epsilon than the ledger claims."""
+    return bool(audit["dp_check"].get("violated") or audit.get("canary", {}).get("violated"))
+
+
+__all__ = ["REPORTED_FPRS", "AuditError", "AuditRun", "CanaryRelease", "audit_table", "dp_violated", "membership_points",
+           "open_run", "run_audit"]

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from attacks.backdoor import client_backdoor, trigger_path
+from attacks.canary import Release, Releaser
 from clients.fit import fit_partition
 from clients.private import LEDGER_KEY, fit_private, train_private
 from fedistill.cache import CACHE_DIR
@@ -29,7 +30,8 @@ from fedistill.distill import IterationHook, get_distiller
 from fedistill.distill.embedding import perturbed_copies
 from fedistill.distill.private import public_start
 from fedistill.models import build_model
-from fedistill.privacy import PrivateData
+from fedistill.privacy import PrivateData, new_ledger, open_round, secret_generator
+from fedistill.privacy_plan import plan_privacy
 from fedistill.synthetic import SyntheticSet
 from wire.messages import (
     CONTINUED,
@@ -168,6 +170,34 @@ def distill_partition(
     return syn, metrics
 
 
+def release_seed(config: ExperimentConfig, partition_id: int, server_round: int) -> int:
+    """The seed of a node's work in a round: its distiller's draws and, with ``privacy.reproducible``, its noise."""
+    return config.seed * 1_000_003 + partition_id * 1009 + server_round
+
+
+def canary_release(config: ExperimentConfig, partition_id: int, device: torch.device) -> tuple[ImageData, Releaser]:
+    """A node's data and its round-1 release as a function of the data, for the canary audit (``attacks.canary``).
+
+    The release is the node's own path: a fresh ledger, the round's noisy
+    counts and the private distiller when ``privacy.enabled``, else the plain
+    distiller; the ledger's epsilon after it is what the audit compares with.
+    """
+    data = load_partition(config, partition_id, config.partition.num_clients)
+    seed = release_seed(config, partition_id, 1)
+
+    def release(records: ImageData) -> Release:
+        if not config.privacy.enabled:
+            return Release(distill_partition(config, records, device, seed)[0], None, None)
+        plan = plan_privacy(config)
+        ledger = new_ledger(plan)
+        privacy = open_round(plan, ledger, records.labels, records.info.num_classes, 1,
+                             secret_generator(config.privacy, seed))
+        syn, _ = distill_partition(config, records, device, seed, privacy=privacy)
+        return Release(syn, float(ledger.epsilon().value), plan.delta)
+
+    return data, release
+
+
 KEPT_BY_SERVER: tuple[str, ...] = (LEDGER_KEY,)
 """``context.state`` keys (config or metric records) the server keeps for this node and gives back after a restart.
 
@@ -205,7 +235,7 @@ def train(msg: Message, context: Context) -> Message:
     num_partitions = int(context.node_config["num-partitions"])
     server_round = int(control.get(ROUND, 1))
     data = load_partition(config, partition_id, num_partitions)
-    seed = config.seed * 1_000_003 + partition_id * 1009 + server_round
+    seed = release_seed(config, partition_id, server_round)
     device = pick_device(config.device)
     # A malicious node (attack.backdoor.malicious_clients) poisons its own data, the same rows every round.
     backdoor = client_backdoor(config, partition_id, data.info, seed=config.seed * 1_000_003 + partition_id * 1009)

@@ -152,6 +152,23 @@ class MembershipConfig(_Section):
     bootstrap: int = Field(default=200, ge=0, description="resamples for the 95% confidence intervals")
 
 
+class CanaryConfig(_Section):
+    """The one-run canary audit (``attacks.canary``): ``count`` test images, each put into client ``client``'s data
+    with probability 1/2, its round-1 release run once more, and an empirical lower bound on epsilon from the
+    guesses (``count = 0``: off)."""
+
+    count: int = Field(default=0, ge=0, description="canary records; 0 turns the canary audit off, else >= 2")
+    client: int = Field(default=0, ge=0, description="partition id of the client whose release is audited")
+    significance: float = Field(default=0.05, gt=0, lt=1, description="the bound holds at 1 - significance")
+
+    @field_validator("count")
+    @classmethod
+    def _enough(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("one canary cannot be audited; use 0 (off) or at least 2")
+        return value
+
+
 class DefenseConfig(_Section):
     """The server's defence: a filter on client sets (distillation) or a robust aggregator (FedAvg).
 
@@ -175,4 +192,5 @@ class AttackConfig(_Section):
     evasion: EvasionConfig = EvasionConfig()
     backdoor: BackdoorConfig = BackdoorConfig()
     membership: MembershipConfig = MembershipConfig()
+    canary: CanaryConfig = CanaryConfig()
     defense: DefenseConfig = DefenseConfig()

@@ -493,6 +493,10 @@ def check_attack(config: ExperimentConfig) -> None:
             f"attack.backdoor.method: doorping optimises its trigger while images are distilled; distill.method "
             f"{config.distill.method!r} selects real images (allowed with doorping: {', '.join(REFINING_METHODS)})"
         )
+    canary = attack.canary
+    if canary.count and (baseline or canary.client >= config.partition.num_clients):
+        raise ValueError(f"attack.canary: audits client {canary.client}'s released set; needs a distillation "
+                         f"protocol and a partition id in 0..{config.partition.num_clients - 1}")
     if config.data.name != "npz":
         info = dataset_info(config.data.name)
         if backdoor.target >= info.num_classes:

@@ -233,8 +233,9 @@ def run(
             write_json(run_dirs[0] / "comparison.json", rows)
         if cfg.attack.audit:
             from attacks.audit import run_audit
+            from clients.app import canary_release
 
-            run_audit(run_dirs[0], console=console)
+            run_audit(run_dirs[0], console=console, canary_release=canary_release)
 
 
 @app.command()
@@ -248,14 +249,17 @@ def audit(
     """Run the configured attacks on a finished run: evasion, backdoor CTA/ASR, membership inference, DP bound.
 
     Reads the run's [attack] section (with --set attack.* overrides) and writes
-    audit.json and audit/*.png into RUN_DIR; see docs/attacks.md. Exits with
-    code 3 when a membership attack beats the run's differential-privacy bound.
+    audit.json and audit/*.png into RUN_DIR; see docs/attacks.md. With
+    attack.canary.count > 0 it also re-runs one client's release with canaries
+    (the one-run canary audit). Exits with code 3 when a membership attack or
+    the canary audit beats the run's differential-privacy bound.
     """
     with _user_errors():
-        from attacks.audit import run_audit
+        from attacks.audit import dp_violated, run_audit
+        from clients.app import canary_release
 
-        result = run_audit(run_dir, parse_sets(set_ or []), console=console)
-    if result["dp_check"].get("violated"):
+        result = run_audit(run_dir, parse_sets(set_ or []), console=console, canary_release=canary_release)
+    if dp_violated(result):
         raise typer.Exit(DP_VIOLATION_EXIT)
 
 

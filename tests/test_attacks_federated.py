@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import clients.app
+from attacks.audit import AuditError, run_audit
 from attacks.backdoor import trigger_path
 from clients.app import load_partition, partition_rows
 from fedistill.config import ConfigError, ExperimentConfig, from_run_config, load_config, parse_config, to_run_config
@@ -272,3 +273,16 @@ def test_attack_config_round_trips_through_flowers_run_config() -> None:
                                         "backdoor": {"method": "naive", "malicious_clients": [0]}}})
     baseline = baseline_config(defended, "fedavg", 10**7)
     assert baseline.attack.defense.method == "none" and baseline.attack.backdoor.malicious() == (0,)
+
+
+def test_fedistill_audit_reports_the_canary_bound(attacked_run: Path) -> None:
+    result = runner.invoke(app, ["audit", str(attacked_run), "--set", "attack.canary.count=100",
+                                      "--set", "attack.evasion.enabled=false", "--set", "attack.backdoor.method=none",
+                                      "--set", "attack.membership.enabled=false"])
+    assert result.exit_code == 0, result.output
+    canary = json.loads((attacked_run / "audit.json").read_text())["canary"]
+    assert canary["canaries"] == 100 and canary["client"] == 0 and canary["claimed_epsilon"] is None
+    assert "dp canary" in result.output and "not private" in result.output
+    with pytest.raises(AuditError, match="attack.canary.count"):
+        run_audit(attacked_run, {"attack.canary.count": 100, "attack.evasion.enabled": False,
+                                 "attack.backdoor.method": "none", "attack.membership.enabled": False})
