@@ -38,7 +38,7 @@ NON_PRIVATE_DELTA = 0.0
 class Release:
     """What a client's release gives the audit: the set, and the ledger's (epsilon, delta) after it (None: not private)."""
 
-    set: SyntheticSet
+    released: SyntheticSet
     epsilon: float | None
     delta: float | None
 
@@ -72,7 +72,7 @@ def canary_audit(
     """Insert canaries, release once, guess who went in from the set; the bound beside the claimed epsilon."""
     merged, canaries, included = with_canaries(data, pool, count, seed)
     result = release(merged)
-    released = denormalize(result.set.decoded().images, data.info).to(device)
+    released = denormalize(result.released.decoded().images, data.info).to(device)
     scores = NearestNeighbour(released).scores(to_pixels(canaries, device), torch.from_numpy(canaries.labels))
     delta = NON_PRIVATE_DELTA if result.delta is None else result.delta
     audit = audit_scores(scores, included, delta, significance)

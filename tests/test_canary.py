@@ -118,7 +118,7 @@ def test_a_release_that_lies_about_its_epsilon_is_flagged(tmp_path: Path) -> Non
     data, release = canary_release(config, 0, CPU)
 
     def claims_dp(records: Any) -> Release:
-        return Release(release(records).set, 0.5, 1e-5)
+        return Release(release(records).released, 0.5, 1e-5)
 
     result = canary_audit(data, load_dataset("digits", "test"), claims_dp, CANARIES, seed=0, device=CPU)
     assert result["violated"] and result["epsilon_lower_bound"] > 0.5
