@@ -26,8 +26,10 @@ def budget(row: dict) -> str:
         window = row.get("aggregate_window", 1)
         trained_on = f" on the last {window} rounds' sets" if window > 1 else ""
         fresh = "; a fresh set each round" if row.get("client_start") == "fresh" else ""
-        return (f"DM IPC {row['ipc']}, {row['iterations']} it/round{fresh}; "
-                f"server {row['eval_epochs']} epochs/round{trained_on}{augment}{seeded}")
+        method = (row.get("method") or "dm").upper() + (f" factor {row['factor']}" if row.get("factor", 1) > 1 else "")
+        references = "".join(f"; {name} {100 * value:.2f} %" for name, value in row.get("references", {}).items())
+        return (f"{method} IPC {row['ipc']}, {row['iterations']} it/round{fresh}; "
+                f"server {row['eval_epochs']} epochs/round{trained_on}{augment}{seeded}{references}")
     if row["protocol"] == "fedprox":
         # Rows written before bench_fed recorded the mu ran with the config's default.
         mu = row.get("proximal_mu", FederationConfig.model_fields["proximal_mu"].default)
