@@ -17,6 +17,7 @@ in a minute and writes nothing under ``benchmarks/results``.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import time
 from typing import Any
@@ -154,6 +155,7 @@ def main() -> None:
         "wall_seconds": seconds,
         "command": command(),
         "hardware": hardware(),
+        "date": dt.date.today().isoformat(),
         "run_dir": str(run_dir),
     }
     print(json.dumps(row))

@@ -20,6 +20,22 @@ METHODS = (
 """Table rows: method, starting images of the distillers (rows written before ``--init`` existed started from
 noise), whether the learning rate was set by ``--lr`` (tuned) rather than left at the method's default."""
 EPSILONS = (1.0, 2.0, 5.0, 10.0)
+COUNT_RELEASE_FIX = "2026-12-06"
+"""Rows run before this date released class presence from the true counts (issue 21); the table marks them."""
+OLD_RELEASE_MARK = "†"
+
+
+def run_date(row: dict[str, Any]) -> str:
+    """The row's ISO date; rows written before the ``date`` field carry it in their run directory's name."""
+    if "date" in row:
+        return row["date"]
+    stamp = row["run_dir"].rsplit("-", 2)[-2]
+    return f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}"
+
+
+def old_release(row: dict[str, Any]) -> str:
+    """A mark for a row measured with the class-count release that leaked presence, else empty."""
+    return OLD_RELEASE_MARK if run_date(row) < COUNT_RELEASE_FIX else ""
 
 
 def row_lr(row: dict[str, Any]) -> float | None:
@@ -50,23 +66,29 @@ def main() -> None:
         for epsilon in EPSILONS:
             row = rows.get((method, init, tuned, epsilon))
             lr = "" if row is None or not tuned else f" (lr {row_lr(row):g})"
-            cells.append("not run" if row is None else f"{100 * row['accuracy']:.2f}{lr}")
+            cells.append("not run" if row is None else f"{100 * row['accuracy']:.2f}{old_release(row)}{lr}")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if any(old_release(row) for row in rows.values()):
+        print()
+        print(
+            f"{OLD_RELEASE_MARK} run before {COUNT_RELEASE_FIX} with the class-count release that decided class presence "
+            "from the true counts (issue 21); not re-run yet."
+        )
     print()
-    print("| row | worst client epsilon | sigma | releases per client | budget | upload MB | wall min |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | worst client epsilon | sigma | releases per client | budget | upload MB | wall min | date |")
+    print("|---|---|---|---|---|---|---|---|")
     for (method, init, tuned, epsilon), row in sorted(rows.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2], item[0][3])):
         label = f"{method}{' public init' if init == 'public' else ''}{' tuned lr' if tuned else ''} eps {epsilon:g}"
         print(
             f"| {label} | {row['worst_client_epsilon']:.3f} | {row['noise_multiplier']:.3g} "
             f"| {row['releases_per_client']} | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
-            f"| {row['wall_seconds'] / 60:.0f} |"
+            f"| {row['wall_seconds'] / 60:.0f} | {run_date(row)}{old_release(row)} |"
         )
     for row in start_only:
         print(
             f"| {row['method']} {row['init']} start alone (no releases but the counts) "
             f"| {row['worst_client_epsilon']:.3f} | – | 0 | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
-            f"| {row['wall_seconds'] / 60:.0f} |"
+            f"| {row['wall_seconds'] / 60:.0f} | {run_date(row)}{old_release(row)} |"
         )
 
 
