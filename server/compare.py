@@ -64,6 +64,7 @@ def baseline_config(config: ExperimentConfig, protocol: str, upload_bytes: int) 
     values["federation"].update(protocol=protocol, rounds=1, soft_labels=False)
     if values["attack"]["defense"]["method"] in SET_DEFENSES:
         values["attack"]["defense"]["method"] = "none"  # set filters have no FedAvg counterpart: plain FedAvg
+    values["attack"]["canary"]["count"] = 0  # the canary audit probes the distillation run's release, not the baseline
     rounds = equal_upload_rounds(upload_bytes, parse_config(values))
     values["federation"]["rounds"] = rounds
     return parse_config(values)

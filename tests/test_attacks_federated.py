@@ -273,6 +273,12 @@ def test_attack_config_round_trips_through_flowers_run_config() -> None:
                                         "backdoor": {"method": "naive", "malicious_clients": [0]}}})
     baseline = baseline_config(defended, "fedavg", 10**7)
     assert baseline.attack.defense.method == "none" and baseline.attack.backdoor.malicious() == (0,)
+    # ... and the canary audit, which only the distillation run's release can answer (make demo plants canaries).
+    audited = parse_config({"attack": {"canary": {"count": 500, "client": 0}}})
+    assert baseline_config(audited, "fedavg", 10**7).attack.canary.count == 0
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
+    assert demo.attack.canary.count > 0
+    assert baseline_config(demo, "fedavg", 10**7).federation.protocol == "fedavg"
 
 
 def test_fedistill_audit_reports_the_canary_bound(attacked_run: Path) -> None:
