@@ -39,6 +39,7 @@ from fedistill.privacy import (
     clipped_class_sums,
     compute_epsilon,
     mechanisms,
+    per_record_gradients,
     release_class_counts,
 )
 from fedistill.privacy.dpsgd import dp_sgd
@@ -217,18 +218,58 @@ def test_clipping_bounds_what_one_outlier_record_changes(digits_train: ImageData
     with_outlier = clipped_class_sums(features, neighbours, 10, clip)
     assert (with_outlier - without).norm() == pytest.approx(clip, rel=1e-12)
 
-    gm = get_distiller("dp-gm")(mlp, settings(), CPU, privacy=private_data(digits_train.labels))
     trainable = random_network(mlp, images.shape[1:], 10, torch.Generator().manual_seed(1), CPU, trainable=True)
-    per_record = GradSampleModule(trainable, loss_reduction="sum")
     order = torch.cat([torch.nonzero(neighbours == c).flatten() for c in range(10)])
     slot_of_row = torch.cat([torch.full((int((neighbours == c).sum()),), c) for c in range(10)])
     records = torch.cat([images, outlier])[order]
-    grads = gm._record_gradients(per_record, list(trainable.parameters()), records, list(range(10)), slot_of_row)
+    grads = per_record_gradients(trainable, list(trainable.parameters()), records, slot_of_row)
     groups, is_outlier = slot_of_row, order == len(images)
     full = clipped_class_sums(grads, groups, 10, clip)
     reduced = clipped_class_sums(grads[~is_outlier], groups[~is_outlier], 10, clip)
     assert grads[is_outlier].norm() > 1000 * clip
     assert (full - reduced).norm() == pytest.approx(clip, rel=1e-12)
+
+
+def test_per_record_gradients_match_opacus_and_a_loop_over_records(digits_train: ImageData) -> None:
+    """The torch.func gradients DP-GM clips equal Opacus' per-sample gradients and one backward per record.
+
+    Instance norm is the case that matters: normalising over one record's own
+    pixels must give the same gradient in the vmapped batch of one.
+    """
+    spec = ModelSpec(width=8, depth=2, hidden=16)
+    images = digits_train.normalized()[:37]
+    labels = torch.from_numpy(digits_train.labels[:37]).long()
+    net = random_network(spec, images.shape[1:], 10, torch.Generator().manual_seed(3), CPU, trainable=True)
+    parameters = list(net.parameters())[1:]  # a subset, in order: the columns follow the list given
+    grads = per_record_gradients(net, parameters, images, labels, chunk=10)
+    assert grads.shape == (37, sum(p.numel() for p in parameters))
+
+    loop = []
+    for image, label in zip(images, labels, strict=True):
+        loss = torch.nn.functional.cross_entropy(net(image[None]), label[None])
+        loop.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)]))
+    torch.testing.assert_close(grads, torch.stack(loop), rtol=1e-4, atol=1e-6)
+
+    reference = GradSampleModule(net, batch_first=True, loss_reduction="sum", strict=True)
+    torch.nn.functional.cross_entropy(reference(images), labels, reduction="sum").backward()
+    opacus = torch.cat([p.grad_sample.flatten(1) for p in parameters], dim=1)
+    reference.remove_hooks()
+    torch.testing.assert_close(grads, opacus, rtol=1e-4, atol=1e-6)
+    assert per_record_gradients(net, parameters, images[:0], labels[:0]).shape == (0, grads.shape[1])
+
+    channels_last_strides = images.as_strided(images.shape, (64, 1, 8, 1))  # how scikit-learn's digits arrive
+    torch.testing.assert_close(per_record_gradients(net, parameters, channels_last_strides, labels), grads)
+
+
+def test_per_record_gradients_refuse_batch_norm_and_foreign_parameters(digits_train: ImageData) -> None:
+    images = digits_train.normalized()[:4]
+    labels = torch.zeros(4, dtype=torch.long)
+    batchnorm = build_model(ModelSpec(width=8, depth=2, norm="batchnorm"), tuple(images.shape[1:]), 10)
+    with pytest.raises(ValueError, match="batch norm"):
+        per_record_gradients(batchnorm, list(batchnorm.parameters()), images, labels)
+    net = build_model(ModelSpec(width=8, depth=2), tuple(images.shape[1:]), 10)
+    with pytest.raises(ValueError, match="not parameters of the network"):
+        per_record_gradients(net, list(batchnorm.parameters())[:1], images, labels)
 
 
 @pytest.mark.parametrize("method", ["dp-dm", "dp-gm"])
@@ -270,6 +311,20 @@ def test_dp_sgd_steps_reach_the_ledger_and_opacus_draws_noise_once_per_step(
     assert privacy.ledger.steps("dp-sgd") == steps
     assert [a.entry() for a in privacy.ledger.accesses][-1] == (2.0, 0.1, steps)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dp_sgd_trains_every_layer_whatever_the_input_strides(digits_train: ImageData) -> None:
+    """On inputs whose strides read as channels-last, Opacus' per-sample gradients of every conv past the first
+    are zeros; DP-SGD stays clear of it because its Poisson loader stacks each batch into row-major strides."""
+    images = digits_train.normalized()
+    assert images.stride() == (64, 64, 8, 1)
+    strided = images.as_strided(images.shape, (64, 1, 8, 1))
+    model = build_model(SPEC, (1, 8, 8), 10)
+    second_conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1].weight
+    before = second_conv.detach().clone()
+    dp_sgd(model, strided, torch.from_numpy(digits_train.labels), private_data(digits_train.labels, sigma=1e-6), 1,
+           0.05, 0.0)
+    assert (second_conv.detach() - before).abs().max() > 1e-3
 
 
 def test_the_private_initial_set_is_noise_whatever_the_private_images(digits_train: ImageData) -> None:

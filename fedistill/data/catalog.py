@@ -194,10 +194,14 @@ def _stats(info: DatasetInfo, like: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def normalize(images_uint8: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """(x/255 - mean)/std for uint8 images; floating inputs are taken as already in [0, 1].
 
-    Works on NCHW batches and single CHW images.
+    Works on NCHW batches and single CHW images. The result has row-major
+    strides: a one-channel array can carry strides torch reads as
+    channels-last (scikit-learn's digits do), which makes convolutions return
+    channels-last activations, and on those Opacus' per-sample gradients of
+    every later convolution come out as zeros (opacus 1.6).
     """
     if images_uint8.dtype == torch.uint8:
-        x = images_uint8.to(torch.float32).div_(255.0)
+        x = images_uint8.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
     elif images_uint8.is_floating_point():
         x = images_uint8.to(torch.float32)
     else:

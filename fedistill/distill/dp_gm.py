@@ -2,8 +2,8 @@
 
 Each outer step of DC/DSA (``gm.py``) needs the per-class gradient of the
 loss on real images. Here it is one Gaussian release: Poisson-sample every
-record at rate ``q``, take each record's gradient with Opacus'
-``GradSampleModule``, clip it to L2 norm ``C`` (flattened over all
+record at rate ``q``, take each record's gradient (``torch.func``,
+``fedistill.privacy.per_record_gradients``), clip it to L2 norm ``C`` (flattened over all
 parameters), sum per class, add ``N(0, (sigma * C)^2)`` once to the stacked
 class sums and divide by the expected class sample size ``q * released
 count``. The synthetic gradients are matched against that (layer-wise cosine
@@ -12,7 +12,7 @@ between outer steps: post-processing, no further access. One release per
 outer step: ``iterations * outer_loop`` accountant steps per call.
 
 Networks must give per-record gradients: instance or group norm, no batch
-norm (Opacus refuses modules with running statistics).
+norm (a record's output would depend on the others in its batch).
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from torch import nn
 
 from fedistill.augment import SiameseAugment
 from fedistill.distill.base import DistillSettings, ProgressFn, register
 from fedistill.distill.gm import GM_LR_IMAGES, GM_MOMENTUM, gradient_distance, loop_lengths, train_on_set
 from fedistill.distill.private import PrivateDistiller, class_slots, poisson_by_slot, sample_class_batches
-from fedistill.privacy import clipped_class_sums
+from fedistill.privacy import clipped_class_sums, per_record_gradients
 from fedistill.synthetic import SyntheticSet
 
 
@@ -73,14 +71,13 @@ class PrivateGradientMatching(PrivateDistiller):
             net = self.network(images.shape[1:], num_classes, generator, trainable=True)
             parameters = [p for p in net.parameters() if p.requires_grad]
             shapes = [p.shape for p in parameters]
-            per_record = GradSampleModule(net, batch_first=True, loss_reduction="sum", strict=True)
-            per_record.disable_hooks()  # on only for the real pass; the synthetic side needs plain autograd
             net_optimizer = torch.optim.SGD(parameters, lr=settings.lr_net)
             loss_value = 0.0
             for outer in range(outer_loop):
                 samples = poisson_by_slot(privacy, labels_cpu, slots)
                 batch = sample_class_batches(images, syn, samples, present, offsets, augment, generator)
-                grads = self._record_gradients(per_record, parameters, batch.real, present, batch.slot_of_row)
+                targets = torch.tensor(present, device=self.device)[batch.slot_of_row.to(self.device)]
+                grads = per_record_gradients(net, parameters, batch.real, targets)
                 sums = clipped_class_sums(grads, batch.slot_of_row, len(present), privacy.clip_norm)
                 real_grads = (mechanism.release(sums, privacy.sample_rate) / expected).float()
                 loss = syn.new_zeros(())
@@ -98,36 +95,12 @@ class PrivateGradientMatching(PrivateDistiller):
                 train_on_set(
                     net, net_optimizer, syn.detach(), syn_labels, inner_loop, augment, generator, settings.batch_train
                 )
-            per_record.remove_hooks()
             if progress is not None:
                 progress(iteration + 1, settings.iterations, loss_value / outer_loop)
         if present:
             self.check_releases(mechanism.releases)
         provenance = {"iterations": settings.iterations, "dsa": settings.dsa, "outer_loop": outer_loop}
         return self.private_set(syn, budgets, num_classes, provenance)
-
-    def _record_gradients(
-        self,
-        per_record: GradSampleModule,
-        parameters: list[nn.Parameter],
-        real: torch.Tensor,
-        present: list[int],
-        slot_of_row: torch.Tensor,
-    ) -> torch.Tensor:
-        """Per-record gradients of the cross-entropy, flattened over all parameters: ``(records, num_params)``."""
-        width = sum(p.numel() for p in parameters)
-        if len(real) == 0:
-            return real.new_zeros((0, width))
-        targets = torch.tensor(present, device=self.device)[slot_of_row.to(self.device)]
-        for p in parameters:
-            p.grad, p.grad_sample = None, None
-        per_record.enable_hooks()
-        F.cross_entropy(per_record(real), targets, reduction="sum").backward()
-        per_record.disable_hooks()
-        grads = torch.cat([p.grad_sample.reshape(len(real), -1) for p in parameters], dim=1)
-        for p in parameters:
-            p.grad, p.grad_sample = None, None
-        return grads
 
 
 def _unflatten(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ from fedistill.privacy.mechanisms import (
     poisson_sample,
     release_class_counts,
 )
+from fedistill.privacy.per_record import per_record_gradients
 from fedistill.privacy.plan import DP_SGD, PrivacyPlan
 from fedistill.privacy.session import (
     PrivateData,
@@ -56,6 +57,7 @@ __all__ = [
     "gaussian_noise",
     "new_ledger",
     "open_round",
+    "per_record_gradients",
     "poisson_sample",
     "release_class_counts",
     "secret_generator",
