@@ -39,7 +39,9 @@ PerRecord = Callable[[nn.Module, list[nn.Parameter], torch.Tensor, torch.Tensor]
 def opacus_per_record(per_record: GradSampleModule) -> PerRecord:
     """The reference: the hooks on for the real pass, off (but registered) afterwards, as DP-GM did."""
 
-    def gradients(net: nn.Module, parameters: list[nn.Parameter], real: torch.Tensor, targets: torch.Tensor):  # type: ignore[no-untyped-def]
+    def gradients(
+        net: nn.Module, parameters: list[nn.Parameter], real: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         per_record.enable_hooks()
         F.cross_entropy(per_record(real), targets, reduction="sum").backward()
         per_record.disable_hooks()
@@ -83,7 +85,9 @@ def outer_step(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--records", type=int, default=550, help="real records per release (q 0.1 of a 5,500-record client)")
+    parser.add_argument(
+        "--records", type=int, default=550, help="real records per release (q 0.1 of a 5,500-record client)"
+    )
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--inner-loop", type=int, default=10)
     parser.add_argument("--width", type=int, default=64, help="ConvNet-3 width (the DP benchmarks' 64)")
@@ -127,7 +131,9 @@ def main() -> None:
                 per_record.remove_hooks()
             if step >= 1:
                 times[name].append(seconds)
-    medians = {name: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for name, v in times.items()}
+    medians = {
+        name: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)) for name, v in times.items()
+    }
     for name, (record, whole) in medians.items():
         print(f"{name:14s} per-record {record:.3f} s   whole outer step {whole:.3f} s (median of {args.steps})")
     record_ratio = medians["opacus hooks"][0] / medians["torch.func"][0]
