@@ -118,6 +118,11 @@ def main() -> None:
     parser.add_argument("--num-nets", type=int, default=1)
     parser.add_argument("--train-images", type=int, default=PRIVATE_TRAIN_IMAGES)
     parser.add_argument("--id", help="also write benchmarks/results/<id>.json with the accuracy")
+    parser.add_argument(
+        "--gain-id",
+        help="with --init public: also write benchmarks/results/<id>.json with the points over the start alone "
+        "(the dp-dm --iterations 0 row of the same public setting and evaluation, run first)",
+    )
     parser.add_argument("--toy", action="store_true", help="tiny budgets to check the pipeline; writes no results")
     parser.add_argument("--output", default="runs/bench-dp")
     args = parser.parse_args()
@@ -126,6 +131,7 @@ def main() -> None:
     if args.toy:
         args.train_images, args.iterations, args.rounds, args.eval_epochs = 3000, 4, 2, 3
         args.outer_loop, args.inner_loop = 2, 1
+    start_alone = start_alone_row(args) if args.gain_id else None
     torch.set_num_threads(2)
     config = experiment(args)
     started = time.perf_counter()
@@ -137,6 +143,7 @@ def main() -> None:
     row = {
         "method": args.method,
         "init": None if args.method == "dp-fedavg" else args.init,
+        **public_data(args),
         "target_epsilon": args.epsilon,
         "delta": 1e-5,
         "worst_client_epsilon": privacy["worst_epsilon"],
@@ -173,6 +180,30 @@ def main() -> None:
             f"(worst client {privacy['worst_epsilon']:.3f}, delta 1e-5, RDP, add/remove one record of a client); "
             f"{budget(args)}; {seconds / 60:.0f} min on the CPU machine",
         )
+    if start_alone is not None:
+        write_result(
+            args.gain_id,
+            round(100 * (accuracy - start_alone["accuracy"]), 2),
+            "points of global test accuracy over the start alone (the same public images, zero iterations)",
+            f"Fashion-MNIST, 10 clients Dirichlet(0.5), {args.method} at epsilon {args.epsilon:g} per client "
+            f"(worst client {privacy['worst_epsilon']:.3f}, delta 1e-5, RDP): {100 * accuracy:.2f} %; start alone "
+            f"{100 * start_alone['accuracy']:.2f} % ({start_alone['command']}, {start_alone['date']}); {budget(args)}",
+        )
+
+
+def start_alone_row(args: argparse.Namespace) -> dict[str, Any]:
+    """The stored start-alone row the gain is measured against; refuses before the run if it is missing or unlike."""
+    if args.init != "public" or args.method == "dp-fedavg" or args.iterations == 0:
+        raise SystemExit("--gain-id: only for a distiller with --init public and iterations > 0")
+    path = RESULTS / "dp-fed" / f"dp-dm-public{public_tag(args)}-start-only.json"
+    if not path.exists():
+        raise SystemExit(f"--gain-id: no start-alone row {path.name}; run this command with --method dp-dm "
+                         "--iterations 0 first")
+    row = json.loads(path.read_text())
+    evaluation = budget(args).rsplit(", ", 1)[-1]
+    if not row["budget"].endswith(evaluation):
+        raise SystemExit(f"--gain-id: {path.name} was evaluated differently ({row['budget']}); need {evaluation}")
+    return row
 
 
 def public_data(args: argparse.Namespace) -> dict[str, Any]:

@@ -50,41 +50,97 @@ def row_lr(row: dict[str, Any]) -> float | None:
     return lr
 
 
-def main() -> None:
-    rows, start_only = {}, []
-    for path in sorted((RESULTS / "dp-fed").glob("*.json")):
-        row = json.loads(path.read_text())
+def public_setting(row: dict[str, Any]) -> tuple[str, int | None] | None:
+    """The row's public images as ``(source, pool size)``; None for rows that use none (from noise, DP-FedAvg).
+
+    Rows written before the ``public`` field started from the whole in-distribution rest.
+    """
+    if row["method"] == "dp-fedavg" or row.get("init", "noise") != "public":
+        return None
+    return row.get("public", "rest"), row.get("public_size")
+
+
+def setting_name(setting: tuple[str, int | None] | None) -> str:
+    """A table heading for a public-data setting."""
+    if setting is None:
+        return "No public data (distillers from noise)"
+    source, size = setting
+    images = "scikit-learn's digits, out of distribution" if source == "digits" else (
+        "the training images no client holds, in distribution")
+    return f"Public images: {images}, " + ("all of them" if size is None else f"a pool of {size}")
+
+
+def accuracy_cells(rows: dict[float, dict[str, Any]], tuned: bool) -> list[str]:
+    """One cell per epsilon: the accuracy, the old-release mark, and the lr of a tuned row."""
+    cells = []
+    for epsilon in EPSILONS:
+        row = rows.get(epsilon)
+        lr = "" if row is None or not tuned else f" (lr {row_lr(row):g})"
+        cells.append("not run" if row is None else f"{100 * row['accuracy']:.2f}{old_release(row)}{lr}")
+    return cells
+
+
+def setting_table(
+    setting: tuple[str, int | None] | None,
+    rows: dict[tuple[Any, ...], dict[str, Any]],
+    start_alone: dict[tuple[str, int | None], dict[str, Any]],
+) -> list[str]:
+    """The accuracy table of one public setting: its distillers, its start alone and DP-FedAvg beside them."""
+    lines = [f"**{setting_name(setting)}**", "", "| method | " + " | ".join(f"eps {e:g}" for e in EPSILONS) + " |",
+             "|---|" + "---|" * len(EPSILONS)]
+    for method, init, tuned, name in METHODS:
+        if (init == "public") != (setting is not None) and method != "dp-fedavg":
+            continue
+        own = None if method == "dp-fedavg" else setting  # DP-FedAvg uses no public images: the same rows in every table
+        by_epsilon = {key[-1]: row for key, row in rows.items() if key[:4] == (method, init, own, tuned)}
+        if by_epsilon or setting is None or setting == ("rest", None):
+            lines.append(f"| {name} | " + " | ".join(accuracy_cells(by_epsilon, tuned)) + " |")
+    if setting is not None and setting in start_alone:
+        row = start_alone[setting]
+        cell = f"{100 * row['accuracy']:.2f}{old_release(row)}"
+        lines.append("| start alone (the same public images, no release but the counts) | "
+                     + " | ".join([cell] * len(EPSILONS)) + " |")
+    return lines
+
+
+def collect(
+    stored: list[dict[str, Any]],
+) -> tuple[dict[tuple[Any, ...], dict[str, Any]], dict[tuple[str, int | None] | None, dict[str, Any]]]:
+    """Rows keyed by ``(method, init, public setting, tuned, epsilon)``, and the start-alone rows by public setting."""
+    rows, start_alone = {}, {}
+    for row in stored:
+        setting = public_setting(row)
         if row["releases_per_client"] == 0:
-            start_only.append(row)
+            start_alone[setting] = row
             continue
         init = row.get("init", None if row["method"] == "dp-fedavg" else "noise")
-        rows[(row["method"], init, row_lr(row) is not None, float(row["target_epsilon"]))] = row
-    print("| method | " + " | ".join(f"eps {e:g}" for e in EPSILONS) + " |")
-    print("|---|" + "---|" * len(EPSILONS))
-    for method, init, tuned, name in METHODS:
-        cells = []
-        for epsilon in EPSILONS:
-            row = rows.get((method, init, tuned, epsilon))
-            lr = "" if row is None or not tuned else f" (lr {row_lr(row):g})"
-            cells.append("not run" if row is None else f"{100 * row['accuracy']:.2f}{old_release(row)}{lr}")
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    if any(old_release(row) for row in rows.values()):
+        rows[(row["method"], init, setting, row_lr(row) is not None, float(row["target_epsilon"]))] = row
+    return rows, start_alone
+
+
+def main() -> None:
+    rows, start_alone = collect([json.loads(path.read_text()) for path in sorted((RESULTS / "dp-fed").glob("*.json"))])
+    settings = sorted({key[2] for key in rows} | set(start_alone), key=lambda s: (s is not None, str(s)))
+    for setting in settings:
+        print("\n".join(setting_table(setting, rows, start_alone)))
         print()
+    if any(old_release(row) for row in [*rows.values(), *start_alone.values()]):
         print(
             f"{OLD_RELEASE_MARK} run before {COUNT_RELEASE_FIX} with the class-count release that decided class presence "
             "from the true counts (issue 21); not re-run yet."
         )
-    print()
+        print()
     print("| row | worst client epsilon | sigma | releases per client | budget | upload MB | wall min | date |")
     print("|---|---|---|---|---|---|---|---|")
-    for (method, init, tuned, epsilon), row in sorted(rows.items(), key=lambda item: (item[0][0], str(item[0][1]), item[0][2], item[0][3])):
+    for key, row in sorted(rows.items(), key=lambda item: tuple(str(part) for part in item[0][:4]) + (item[0][4],)):
+        method, init, _setting, tuned, epsilon = key
         label = f"{method}{' public init' if init == 'public' else ''}{' tuned lr' if tuned else ''} eps {epsilon:g}"
         print(
             f"| {label} | {row['worst_client_epsilon']:.3f} | {row['noise_multiplier']:.3g} "
             f"| {row['releases_per_client']} | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
             f"| {row['wall_seconds'] / 60:.0f} | {run_date(row)}{old_release(row)} |"
         )
-    for row in start_only:
+    for row in start_alone.values():
         print(
             f"| {row['method']} {row['init']} start alone (no releases but the counts) "
             f"| {row['worst_client_epsilon']:.3f} | – | 0 | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
