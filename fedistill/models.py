@@ -99,6 +99,12 @@ class MLP(nn.Module):
         return self.classifier(self.embed(x))
 
 
+def has_batch_statistics(net: nn.Module) -> bool:
+    """Whether a batch's images mix through batch norm: then per-record gradients and chunked forwards are not
+    those of the records alone, so DP-SGD, DP gradient matching and chunked matching refuse or fall back."""
+    return any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in net.modules())
+
+
 def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """Build the network described by ``spec`` for images of shape (C, H, W)."""
     channels, height, width = input_shape

@@ -21,6 +21,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedistill.models import has_batch_statistics
 from fedistill.privacy.ledger import Access
 from fedistill.privacy.plan import DP_SGD
 from fedistill.privacy.session import PrivateData
@@ -41,7 +42,7 @@ def dp_sgd(
     model's device. Every step is recorded in ``privacy.ledger`` as
     ``dp-sgd`` releases at ``(noise_multiplier, sample_rate)``.
     """
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if has_batch_statistics(model):
         raise ValueError(
             "model.norm: batchnorm mixes records, DP-SGD needs per-record gradients; allowed: instancenorm, groupnorm"
         )
