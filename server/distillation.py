@@ -53,6 +53,7 @@ from server.rounds import (
     check_stop,
     exchange,
     identify,
+    reporting_arrivals,
     wait_for_nodes,
 )
 from server.state import KeptState, ServerState, discard_unfinished_rounds, fresh_model, resume_hint, resumed_state
@@ -165,7 +166,8 @@ class DistillationRun:
         needed = self.policy.needed(len(nodes))
         collector = ReplyCollector(asked, self.limits, self.num_partitions,
                                    None if self.privacy is None else self.privacy.plan)
-        silent = exchange(self.grid, messages, self.policy, collector.add, needed, self.stop)
+        on_reply = reporting_arrivals(collector.add, len(nodes), self.console.print, f"round {server_round}")
+        silent = exchange(self.grid, messages, self.policy, on_reply, needed, self.stop)
         outcome = collector.close(silent)
         self.went_missing = (self.went_missing - set(nodes)) | {int(node) for node in outcome.missing}
         if self.privacy is not None:

@@ -172,6 +172,33 @@ def exchange(
     return sorted(silent + [destinations[message_id] for message_id in pending])
 
 
+ProgressLine = Callable[[str], None]
+
+
+def reporting_arrivals(
+    on_reply: Callable[[int, Message], bool], asked: int, say: ProgressLine, label: str
+) -> Callable[[int, Message], bool]:
+    """``on_reply`` that also says how many replies are in, so a round of long client work shows it is moving.
+
+    About ten lines per round whatever the number of nodes: every reply up to
+    twenty nodes, else every tenth of them, and always the last.
+    """
+    every = 1 if asked <= 20 else math.ceil(asked / 10)
+    started = time.monotonic()
+    answered = valid = 0
+
+    def report(node: int, reply: Message) -> bool:
+        nonlocal answered, valid
+        counted = on_reply(node, reply)
+        answered += 1
+        valid += int(counted)
+        if answered % every == 0 or answered == asked:
+            say(f"{label}: {answered}/{asked} replies in ({valid} valid) after {time.monotonic() - started:.0f} s")
+        return counted
+
+    return report
+
+
 def partition_label(partition: int) -> str:
     """Client id of a partition's set: sorts in partition order, so aggregates do not depend on node ids."""
     return f"partition-{partition:04d}"

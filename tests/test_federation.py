@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import torch
 from fedgrid import LocalGrid, fake_task_identity
 from flwr.app import Array, ArrayRecord, Message
+from rich.console import Console
 
 from clients.app import load_partition
 from fedistill.checkpoint import load_checkpoint
@@ -18,7 +20,7 @@ from fedistill.config import ExperimentConfig, parse_config
 from fedistill.synthetic import SyntheticSet
 from server.distillation import run_distillation
 from server.replies import train_messages
-from server.rounds import NotEnoughClients
+from server.rounds import NotEnoughClients, reporting_arrivals
 
 
 @pytest.fixture(autouse=True)
@@ -154,14 +156,27 @@ def missing_set(reply: Message) -> Message:
 def test_bad_or_missing_reply_is_left_out_and_the_round_completes(tmp_path: Path, tamper: Any, reason: str) -> None:
     # straggler_timeout_s = 0: once two valid sets are in, a silent node is not waited for.
     config = small_config(tmp_path, aggregation="class-weighted", straggler_timeout_s=0.0)
-    run_dir = run_distillation(LocalGrid(config, 3, {103: tamper}), config)
+    console = Console(file=io.StringIO(), width=200)
+    run_dir = run_distillation(LocalGrid(config, 3, {103: tamper}), config, console)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     (record,) = metrics["rounds"]
     assert metrics["status"] == "completed" and metrics["accepted"] == 2
+    printed = console.file.getvalue()
     if reason is None:
         assert record["missing"] == ["103"]
+        assert "round 1: 2/3 replies in (2 valid)" in printed and "3/3 replies" not in printed
     else:
         assert reason in record["rejected"]["103"]
+        assert "round 1: 3/3 replies in (2 valid)" in printed
+
+
+def test_arrivals_are_reported_about_ten_times_a_round_whatever_the_number_of_nodes() -> None:
+    for asked, expected_lines in [(3, 3), (20, 20), (95, 10)]:
+        lines: list[str] = []
+        on_reply = reporting_arrivals(lambda node, reply: node % 2 == 0, asked, lines.append, "round 4")
+        assert [on_reply(node, None) for node in range(asked)] == [node % 2 == 0 for node in range(asked)]
+        assert len(lines) == expected_lines
+        assert lines[-1].startswith(f"round 4: {asked}/{asked} replies in ({(asked + 1) // 2} valid) after ")
 
 
 def test_too_few_valid_sets_stop_the_run_with_a_clear_error(tmp_path: Path) -> None:
