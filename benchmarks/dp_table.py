@@ -70,6 +70,15 @@ def setting_name(setting: tuple[str, int | None] | None) -> str:
     return f"Public images: {images}, " + ("all of them" if size is None else f"a pool of {size}")
 
 
+def setting_tag(setting: tuple[str, int | None] | None) -> str:
+    """`` public init``, `` public init (digits, pool 100)``: a detail row's public setting in a few words."""
+    if setting is None:
+        return ""
+    source, size = setting
+    details = [part for part in ("digits" if source == "digits" else "", "" if size is None else f"pool {size}") if part]
+    return " public init" + (f" ({', '.join(details)})" if details else "")
+
+
 def accuracy_cells(rows: dict[float, dict[str, Any]], tuned: bool) -> list[str]:
     """One cell per epsilon: the accuracy, the old-release mark, and the lr of a tuned row."""
     cells = []
@@ -133,16 +142,16 @@ def main() -> None:
     print("| row | worst client epsilon | sigma | releases per client | budget | upload MB | wall min | date |")
     print("|---|---|---|---|---|---|---|---|")
     for key, row in sorted(rows.items(), key=lambda item: tuple(str(part) for part in item[0][:4]) + (item[0][4],)):
-        method, init, _setting, tuned, epsilon = key
-        label = f"{method}{' public init' if init == 'public' else ''}{' tuned lr' if tuned else ''} eps {epsilon:g}"
+        method, init, setting, tuned, epsilon = key
+        label = f"{method}{setting_tag(setting)}{' tuned lr' if tuned else ''} eps {epsilon:g}"
         print(
             f"| {label} | {row['worst_client_epsilon']:.3f} | {row['noise_multiplier']:.3g} "
             f"| {row['releases_per_client']} | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
             f"| {row['wall_seconds'] / 60:.0f} | {run_date(row)}{old_release(row)} |"
         )
-    for row in start_alone.values():
+    for setting, row in start_alone.items():
         print(
-            f"| {row['method']} {row['init']} start alone (no releases but the counts) "
+            f"| {row['method']}{setting_tag(setting)} start alone (no releases but the counts) "
             f"| {row['worst_client_epsilon']:.3f} | – | 0 | {row['budget']} | {row['upload_bytes'] / 2**20:.1f} "
             f"| {row['wall_seconds'] / 60:.0f} | {run_date(row)}{old_release(row)} |"
         )
