@@ -9,7 +9,8 @@ client holds them, so they cost no privacy); they are one-shot (IPC 10 per clien
 the union); DP-FedAvg runs DP-SGD on every client for ``--rounds`` rounds.
 Each call runs one row through Flower's simulation engine (what ``fedistill
 run`` uses) and writes ``benchmarks/results/dp-fed/<method>-eps<eps>.json``;
-``--id`` also writes the headline record. Budgets are reduced for a 2-core
+``--id`` also writes the headline record; ``--ablation NAME`` writes the row to
+``dp-fed/NAME/`` instead, outside the table. Budgets are reduced for a 2-core
 CPU; every record states the budget it used. ``--toy`` checks the pipeline
 in a minute and writes nothing under ``benchmarks/results``.
 """
@@ -20,6 +21,7 @@ import argparse
 import datetime as dt
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,6 +125,10 @@ def main() -> None:
         help="with --init public: also write benchmarks/results/<id>.json with the points over the start alone "
         "(the dp-dm --iterations 0 row of the same public setting and evaluation, run first)",
     )
+    parser.add_argument(
+        "--ablation", metavar="NAME",
+        help="write the row under benchmarks/results/dp-fed/NAME/ (outside the table) instead of over the table's row",
+    )
     parser.add_argument("--toy", action="store_true", help="tiny budgets to check the pipeline; writes no results")
     parser.add_argument("--output", default="runs/bench-dp")
     args = parser.parse_args()
@@ -168,7 +174,7 @@ def main() -> None:
     print(json.dumps(row))
     if args.toy:
         return
-    out = RESULTS / "dp-fed" / f"{row_name(args)}.json"
+    out = row_path(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")
     if args.id:
@@ -217,6 +223,12 @@ def public_tag(args: argparse.Namespace) -> str:
     """``-digits``, ``-pool100``: the public setting in a row's name (empty for the whole in-distribution rest)."""
     tag = "" if args.public == "rest" else f"-{args.public}"
     return tag + (f"-pool{args.public_size}" if args.public_size else "")
+
+
+def row_path(args: argparse.Namespace) -> Path:
+    """Where the row is written: the table's file, or a subfolder for an ablation the table must not show."""
+    folder = RESULTS / "dp-fed"
+    return (folder / args.ablation if args.ablation else folder) / f"{row_name(args)}.json"
 
 
 def row_name(args: argparse.Namespace) -> str:

@@ -59,3 +59,15 @@ def test_gain_over_start_refuses_a_missing_or_differently_evaluated_start(tmp_pa
         bench_dp_fed.start_alone_row(args)
     start.write_text(json.dumps({"budget": "IPC 10 ..., union, eval 300 epochs x 1 net(s) +DSA", "accuracy": 0.7}))
     assert bench_dp_fed.start_alone_row(args)["accuracy"] == 0.7
+
+
+def test_an_ablation_row_lands_beside_the_table_not_over_its_row(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_dp_fed, "RESULTS", tmp_path)
+    args = argparse.Namespace(method="dp-dm", init="public", public="rest", public_size=None, iterations=300,
+                              epsilon=10.0, lr=None, ablation=None)
+    table_row = bench_dp_fed.row_path(args)
+    args.ablation = "more-releases"
+    ablation_row = bench_dp_fed.row_path(args)
+    assert table_row == tmp_path / "dp-fed" / "dp-dm-public-eps10.json"
+    assert ablation_row == tmp_path / "dp-fed" / "more-releases" / "dp-dm-public-eps10.json"
