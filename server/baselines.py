@@ -55,12 +55,14 @@ from server.rounds import (
     BudgetExhausted,
     GridLike,
     NotEnoughClients,
+    ProgressLine,
     RunControl,
     RunInterrupted,
     WaitPolicy,
     check_stop,
     exchange,
     identify,
+    reporting_arrivals,
     wait_for_nodes,
 )
 from server.state import discard_unfinished_rounds, fresh_model, load_resumable, resume_hint
@@ -79,7 +81,9 @@ class QuorumGrid:
     also ends ``straggler_timeout_s`` after the quorum of replies without an
     error, and a stop request ends the wait. With ``num_partitions`` set,
     ``get_node_ids`` lists the nodes by the partition each holds (see
-    ``by_partition``). Everything else goes to the wrapped grid.
+    ``by_partition``). With ``say`` set, each exchange reports its replies
+    as they arrive (``reporting_arrivals``). Everything else goes to the
+    wrapped grid.
     """
 
     def __init__(
@@ -88,8 +92,10 @@ class QuorumGrid:
         policy: WaitPolicy,
         stop: threading.Event | None = None,
         num_partitions: int | None = None,
+        say: ProgressLine | None = None,
     ) -> None:
         self.grid = grid
+        self.say = say
         self.policy = policy
         self.stop = stop
         self.num_partitions = num_partitions
@@ -121,6 +127,11 @@ class QuorumGrid:
             replies.append(reply)
             return not reply.has_error()
 
+        if self.say is not None:
+            first = messages[0]
+            server_round = first.content["config"]["server-round"] if "config" in first.content else "?"
+            on_reply = reporting_arrivals(on_reply, len(messages), self.say,
+                                          f"round {server_round} {first.metadata.message_type}")
         exchange(self.grid, messages, self.policy, on_reply, self.policy.needed(len(messages)), self.stop)
         return replies
 
@@ -298,6 +309,7 @@ def run_baseline(
                         grid, policy, control.stop,
                         # Sampling a share of the nodes: draw from them in partition order (by_partition).
                         config.partition.num_clients if federation.fraction_train < 1 else None,
+                        console.print,
                     ),
                     initial_arrays=state["arrays"],
                     num_rounds=remaining,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from fedgrid import LocalGrid, fake_task_identity
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from safetensors.torch import load_file
@@ -110,7 +112,10 @@ def test_proximal_term_keeps_weights_closer_to_the_global_model(tmp_path: Path) 
 def test_fedavg_two_rounds_end_to_end(tmp_path: Path) -> None:
     config = small_config(tmp_path)
     grid = LocalGrid(config, 3)
-    run_dir = run_baseline(grid, config)
+    out = io.StringIO()
+    run_dir = run_baseline(grid, config, Console(file=out, width=200))
+    for server_round in (1, 2):
+        assert f"round {server_round} train: 3/3 replies in (3 valid) after " in out.getvalue()
     metrics = read_metrics(run_dir)
     size = model_bytes(config)
     assert metrics["status"] == "completed" and metrics["protocol"] == "fedavg" and metrics["nodes"] == 3
