@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 from fedgrid import LocalGrid, fake_task_identity
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from rich.console import Console
 from safetensors.torch import load_file
 
 import clients.app
