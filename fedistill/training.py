@@ -100,6 +100,7 @@ def train_model(
     generator: torch.Generator,
     soft_labels: torch.Tensor | None = None,
     sample_weights: torch.Tensor | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``images`` (normalised NCHW, on the model's device) and return it.
 
@@ -108,7 +109,7 @@ def train_model(
     the loss is knowledge distillation from them at ``settings.kd_temperature``
     (1 when unset; at 1 its gradient is the cross-entropy's) and ``labels`` are
     not used for the loss. The loop never reads values back to the host, which would stall
-    an accelerator once per step.
+    an accelerator once per step. ``on_epoch(epochs_done)`` is called after each epoch.
     """
     count = int(images.shape[0])
     if count == 0:
@@ -146,6 +147,8 @@ def train_model(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return model
 
 
@@ -216,6 +219,7 @@ def evaluate_set(
     progress: Callable[[int, int], None] | None = None,
     sample_weights: torch.Tensor | None = None,
     on_model: Callable[[int, nn.Module], None] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Train ``num_nets`` fresh networks on ``syn`` and report their test accuracies.
 
@@ -226,7 +230,8 @@ def evaluate_set(
     decoded images. ``sample_weights`` (one per image, e.g. from class-weighted
     aggregation) scale each image's loss; they are rescaled to mean 1.
     ``progress(done, num_nets)`` is called after each network, ``on_model(index, model)``
-    with each trained network (the federation keeps network 0 as its global model).
+    with each trained network (the federation keeps network 0 as its global model), and
+    ``on_epoch(index, epochs_done)`` after each epoch of network ``index``.
     """
     if len(syn) == 0:
         raise ValueError("evaluate: the synthetic set is empty; there is nothing to train on")
@@ -251,7 +256,9 @@ def evaluate_set(
         model.to(device)
         generator = torch.Generator().manual_seed(net_seed)
         weights = None if sample_weights is None else sample_weights.to(device)
-        train_model(model, on_device.images, on_device.labels, settings, generator, settings.targets(on_device), weights)
+        per_epoch = None if on_epoch is None else (lambda done, index=index: on_epoch(index, done))
+        train_model(model, on_device.images, on_device.labels, settings, generator, settings.targets(on_device),
+                    weights, on_epoch=per_epoch)
         accuracy, _ = evaluate_model(model, test_x, test_y)
         accuracies.append(accuracy)
         if on_model is not None:

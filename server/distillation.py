@@ -54,6 +54,7 @@ from server.rounds import (
     exchange,
     identify,
     reporting_arrivals,
+    reporting_epochs,
     wait_for_nodes,
 )
 from server.state import KeptState, ServerState, discard_unfinished_rounds, fresh_model, resume_hint, resumed_state
@@ -211,12 +212,16 @@ class DistillationRun:
             aggregate_set = one_hot_labelled(aggregate_set)  # round 1 of federation.soft_labels: no global model yet
         aggregate_set.save(self.run_dir / "aggregate.safetensors")
         seed = config.seed + EVAL_SEED_OFFSET
+        nets = config.eval.num_nets if federation.protocol == "one-shot" else 1
+        self.console.print(f"round {server_round}: training {nets} net(s) for {self.settings.epochs} epochs "
+                           f"on the aggregate's {len(aggregate_set)} images")
+        on_epoch = reporting_epochs(self.console.print, f"round {server_round}", self.settings.epochs, nets)
         if federation.protocol == "one-shot":
             kept_models: list[torch.nn.Module] = []
             result = evaluate_set(
                 aggregate_set, self.test_x, self.test_y, config.model.spec(), self.settings, self.device, seed=seed,
                 num_nets=config.eval.num_nets, sample_weights=training.weights,
-                on_model=lambda index, model: kept_models.append(model) if index == 0 else None,
+                on_model=lambda index, model: kept_models.append(model) if index == 0 else None, on_epoch=on_epoch,
             )
             state.global_model = kept_models[0]
             state.evaluation = result.to_dict()
@@ -228,7 +233,8 @@ class DistillationRun:
             weights = training.weights
             on_device = aggregate_set.to(self.device)
             train_model(state.global_model, on_device.images, on_device.labels, self.settings, generator,
-                        self.settings.targets(on_device), None if weights is None else weights.to(self.device))
+                        self.settings.targets(on_device), None if weights is None else weights.to(self.device),
+                        on_epoch=lambda done: on_epoch(0, done))
             accuracy, loss = evaluate_model(state.global_model, self.test_x, self.test_y)
         for client in outcome.accepted:
             partition = int(client.client_id.removeprefix("partition-"))

@@ -199,6 +199,28 @@ def reporting_arrivals(
     return report
 
 
+def reporting_epochs(
+    say: ProgressLine, label: str, epochs: int, num_nets: int = 1, every_s: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[int, int], None]:
+    """``on_epoch(net, epochs_done)`` that says how far the server's training is, at most once every ``every_s``.
+
+    Training the global model on the aggregate takes minutes on a CPU after the
+    last reply is in; without these lines a run looks stuck.
+    """
+    started = last = clock()
+
+    def report(net: int, done: int) -> None:
+        nonlocal last
+        now = clock()
+        if now - last >= every_s:
+            last = now
+            nets = f" net {net + 1}/{num_nets}," if num_nets > 1 else ""
+            say(f"{label}: training on the aggregate,{nets} epoch {done}/{epochs} after {now - started:.0f} s")
+
+    return report
+
+
 def partition_label(partition: int) -> str:
     """Client id of a partition's set: sorts in partition order, so aggregates do not depend on node ids."""
     return f"partition-{partition:04d}"

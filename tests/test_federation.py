@@ -20,7 +20,7 @@ from fedistill.config import ExperimentConfig, parse_config
 from fedistill.synthetic import SyntheticSet
 from server.distillation import run_distillation
 from server.replies import train_messages
-from server.rounds import NotEnoughClients, reporting_arrivals
+from server.rounds import NotEnoughClients, reporting_arrivals, reporting_epochs
 
 
 @pytest.fixture(autouse=True)
@@ -162,6 +162,7 @@ def test_bad_or_missing_reply_is_left_out_and_the_round_completes(tmp_path: Path
     (record,) = metrics["rounds"]
     assert metrics["status"] == "completed" and metrics["accepted"] == 2
     printed = console.file.getvalue()
+    assert f"round 1: training 1 net(s) for {config.eval.epochs} epochs on the aggregate's" in printed
     if reason is None:
         assert record["missing"] == ["103"]
         assert "round 1: 2/3 replies in (2 valid)" in printed and "3/3 replies" not in printed
@@ -177,6 +178,16 @@ def test_arrivals_are_reported_about_ten_times_a_round_whatever_the_number_of_no
         assert [on_reply(node, None) for node in range(asked)] == [node % 2 == 0 for node in range(asked)]
         assert len(lines) == expected_lines
         assert lines[-1].startswith(f"round 4: {asked}/{asked} replies in ({(asked + 1) // 2} valid) after ")
+
+
+def test_server_training_says_how_far_it_is_at_most_once_a_minute() -> None:
+    ticks = iter([0.0, 10.0, 59.0, 61.0, 90.0, 125.0])
+    lines: list[str] = []
+    on_epoch = reporting_epochs(lines.append, "round 2", epochs=300, num_nets=2, clock=lambda: next(ticks))
+    for net, done in [(0, 1), (0, 2), (0, 3), (0, 4), (1, 5)]:
+        on_epoch(net, done)
+    assert lines == ["round 2: training on the aggregate, net 1/2, epoch 3/300 after 61 s",
+                     "round 2: training on the aggregate, net 2/2, epoch 5/300 after 125 s"]
 
 
 def test_too_few_valid_sets_stop_the_run_with_a_clear_error(tmp_path: Path) -> None:

@@ -129,8 +129,11 @@ def test_evaluate_set_reports_each_net(monkeypatch: pytest.MonkeyPatch, digits: 
     assert set(result.to_dict()) == {"accuracies", "mean", "std", "num_nets", "epochs", "seconds", "protocol"}
     assert result.protocol == "hard-label"
 
-    again = evaluate_set(syn, digits["test_x"], digits["test_y"], SMALL_CONV, settings, CPU, seed=3, num_nets=3)
+    epochs: list[tuple[int, int]] = []
+    again = evaluate_set(syn, digits["test_x"], digits["test_y"], SMALL_CONV, settings, CPU, seed=3, num_nets=3,
+                         on_epoch=lambda net, done: epochs.append((net, done)))
     assert again.accuracies == result.accuracies
+    assert epochs == [(net, done) for net in range(3) for done in (1, 2, 3)]
     assert torch.equal(initial[3], initial[0])
 
 
