@@ -79,6 +79,11 @@ def setting_tag(setting: tuple[str, int | None] | None) -> str:
     return " public init" + (f" ({', '.join(details)})" if details else "")
 
 
+def tuning_caveat(setting: tuple[str, int | None] | None) -> str:
+    """What a tuned row assumed beyond its setting: its lr was chosen on the whole in-distribution public split."""
+    return "" if setting == ("rest", None) else ": 5,000 in-distribution images this setting lacks"
+
+
 def accuracy_cells(rows: dict[float, dict[str, Any]], tuned: bool) -> list[str]:
     """One cell per epsilon: the accuracy, the old-release mark, and the lr of a tuned row."""
     cells = []
@@ -103,7 +108,8 @@ def setting_table(
         own = None if method == "dp-fedavg" else setting  # DP-FedAvg uses no public images: the same rows in every table
         by_epsilon = {key[-1]: row for key, row in rows.items() if key[:4] == (method, init, own, tuned)}
         if by_epsilon or setting is None or setting == ("rest", None):
-            lines.append(f"| {name} | " + " | ".join(accuracy_cells(by_epsilon, tuned)) + " |")
+            label = f"{name[:-1]}{tuning_caveat(setting)})" if tuned else name
+            lines.append(f"| {label} | " + " | ".join(accuracy_cells(by_epsilon, tuned)) + " |")
     if setting is not None and setting in start_alone:
         row = start_alone[setting]
         cell = f"{100 * row['accuracy']:.2f}{old_release(row)}"
