@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--eval-epochs", type=int, default=100)
     parser.add_argument("--eval-dsa", action="store_true")
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--factor", type=int, default=1, help="dp-dm: tiles per stored image side (IDC-style)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,6 +71,7 @@ def main() -> None:
     settings = DistillSettings(
         ipc=10, iterations=args.steps, init=args.init, lr_images=args.lr, dsa=True,
         dsa_strategy="color_crop_cutout_scale_rotate", outer_loop=args.outer_loop, compile="auto",
+        factor=args.factor,
     )
     if args.method == "dp-sgd":
         releases = args.steps * max(1, int(1 / args.sample_rate))
@@ -91,7 +93,8 @@ def main() -> None:
         start = None
         if public:
             start_pool = pool.subset(np.arange(*PROXY_PUBLIC))
-            start = public_start(start_pool, privacy.budgets(10), torch.Generator().manual_seed(1), device)
+            start = public_start(start_pool, privacy.budgets(10), torch.Generator().manual_seed(1), device,
+                                 args.factor)
         distiller = get_distiller(args.method)(spec, settings, device, privacy=privacy, start=start)
         syn = distiller(images, labels, 10, seed=0)
         work = time.perf_counter() - started

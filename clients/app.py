@@ -144,7 +144,8 @@ def distill_partition(
         networks = perturbed_copies(model, config.federation.perturbation, device)
     if start is None and privacy is not None and config.distill.init == "public":
         budgets = privacy.budgets(config.distill.ipc)
-        start = public_start(load_public(config), budgets, torch.Generator().manual_seed(seed), device)
+        start = public_start(load_public(config), budgets, torch.Generator().manual_seed(seed), device,
+                             config.distill.factor)
     method = get_distiller(config.distill.method)
     distiller = method(
         config.model.spec(),

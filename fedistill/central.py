@@ -79,7 +79,8 @@ def run_central(cfg: ExperimentConfig, console: Console | None = None) -> Path:
     if privacy is not None and cfg.distill.init == "public":
         budgets = privacy.budgets(cfg.distill.ipc)
         generator = torch.Generator().manual_seed(cfg.seed)
-        private["start"] = public_start(cfg.data.public_train(full_train), budgets, generator, device)
+        private["start"] = public_start(cfg.data.public_train(full_train), budgets, generator, device,
+                                        cfg.distill.factor)
     del full_train
     distill_settings = cfg.distill.settings(cfg.data.name, cache_dir=Path(cfg.output_dir) / CACHE_DIR)
     distiller = get_distiller(cfg.distill.method)(cfg.model.spec(), distill_settings, device, **private)

@@ -45,7 +45,7 @@ from fedistill.privacy import (
 from fedistill.privacy.dpsgd import dp_sgd
 from fedistill.privacy.empirical import epsilon_lower_bound
 from fedistill.privacy_plan import plan_privacy
-from fedistill.synthetic import SyntheticSet
+from fedistill.synthetic import SyntheticSet, decode, encode
 from server.validation import ReplyLimits, validate_set_arrays
 
 CPU = torch.device("cpu")
@@ -360,6 +360,36 @@ def test_the_public_start_is_public_images_of_each_class_topped_up_with_noise(di
     assert torch.equal(start.images, again.images)
 
 
+def test_factorised_dp_dm_stores_tiles_and_makes_the_same_accounted_releases(digits_train: ImageData) -> None:
+    """IDC-style factor 2: four tiles per stored image, matched as images; the synthetic side is public, so the
+    releases (and the epsilon) are those of factor 1."""
+    releases = {}
+    for factor in (1, 2):
+        privacy = private_data(digits_train.labels, rate=0.1)
+        start = distil("dp-dm", digits_train, private_data(digits_train.labels, rate=0.1), iterations=0, factor=factor)
+        syn = distil("dp-dm", digits_train, privacy, iterations=4, factor=factor)
+        assert syn.factor == factor and syn.images.shape == start.images.shape
+        assert np.array_equal(syn.images_per_class(), privacy.budgets(3))
+        assert len(syn.decoded()) == factor**2 * len(syn) and (syn.images - start.images).abs().max() > 1e-3
+        releases[factor] = [a.entry() for a in privacy.ledger.accesses]
+    assert releases[1] == releases[2]
+
+
+def test_a_factorised_public_start_tiles_public_images_of_each_class(digits_train: ImageData) -> None:
+    private, public = digits_train.subset(np.arange(1000)), digits_train.subset(np.arange(1000, len(digits_train)))
+    budgets = np.array([2, 2, 0, 2, 2, 2, 2, 2, 2, 1])
+    start = public_start(public, budgets, torch.Generator().manual_seed(0), CPU, factor=2)
+    assert start.factor == 2 and start.images_per_class().tolist() == budgets.tolist()
+    assert start.provenance["public_images"] == 4 * budgets.sum()
+    usable = len(public) // 4 * 4  # every public image shrunk and upsampled as a tile is: each tile is one of them
+    pool = decode(encode(public.normalized()[:usable], 2), 2)
+    tiles = start.decoded()
+    distances = torch.cdist(tiles.images.flatten(1), pool.flatten(1))
+    assert distances.min(dim=1).values.max() < 1e-2  # cdist in float32: exact copies sit within ~1e-3
+    assert np.array_equal(public.labels[distances.argmin(dim=1).numpy()], tiles.labels.numpy())
+    assert torch.cdist(tiles.images.flatten(1), private.normalized().flatten(1)).min() > 0
+
+
 def test_a_private_client_starts_from_public_images_never_its_own(digits_train: ImageData) -> None:
     """The client path (``distill_partition``): with zero iterations the set is the public start, as released."""
     config = parse_config({
@@ -378,6 +408,11 @@ def test_a_private_client_starts_from_public_images_never_its_own(digits_train: 
     assert public.labels[nearest.numpy()].tolist() == syn.labels.tolist()
     with pytest.raises(ValueError, match="public start set"):
         get_distiller("dp-dm")(SPEC, settings(init="public"), CPU, privacy=privacy)
+    factorised = config.model_copy(update={"distill": config.distill.model_copy(update={"factor": 2})})
+    tiled, _ = distill_partition(factorised, private, CPU, seed=5, privacy=privacy)
+    assert tiled.factor == 2 and tiled.images_per_class().tolist() == [3] * 10
+    limits = ReplyLimits(num_classes=10, image_shape=(1, 8, 8), max_images=30, max_bytes=2**20, factor=2)
+    assert validate_set_arrays(tiled.to_arrays(), limits).decoded().images.shape == (120, 1, 8, 8)
 
 
 def test_a_central_private_run_starts_from_public_images(tmp_path: Path) -> None:

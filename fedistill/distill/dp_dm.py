@@ -24,6 +24,11 @@ a clipped deviation of norm ``C`` back to the raw embeddings' typical norm
 ``sqrt(d) / 2`` (instance norm; measured 16.7-19 for d = 1024, 3.7-4.5 for
 d = 64), so DM's image learning rate keeps its meaning whatever ``C``.
 Everything after the release is post-processing.
+
+With ``settings.factor`` > 1 (IDC-style multi-formation, as in ``dm.py``) each
+stored image holds ``factor**2`` tiles that are decoded and matched as images
+of their class. Only the synthetic side changes, which is public, so the
+release and its accounting are the same as at factor 1.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ from fedistill.distill.dm import DM_LR_IMAGES, DM_MOMENTUM
 from fedistill.distill.embedding import Embedder, resolve_compile
 from fedistill.distill.private import PrivateDistiller, class_slots, poisson_by_slot, sample_class_batches
 from fedistill.privacy import GaussianMechanism, clipped_class_sums
-from fedistill.synthetic import SyntheticSet
+from fedistill.synthetic import SyntheticSet, decode
 
 
 @register("dp-dm")
 class PrivateDistributionMatching(PrivateDistiller):
     """DM whose real signal (clipped deviations from the synthetic class centres) is a noisy release per iteration."""
+
+    factorised = True
 
     @staticmethod
     def step_scale(dimension: int, clip: float) -> float:
@@ -91,7 +98,7 @@ class PrivateDistributionMatching(PrivateDistiller):
         budgets = privacy.budgets(settings.ipc)
         present, slots = class_slots(budgets)
         syn = self.initial_set(images.shape[1:], budgets, generator).requires_grad_(True)
-        offsets = np.concatenate([[0], np.cumsum(budgets)])
+        offsets = np.concatenate([[0], np.cumsum(budgets)]) * settings.factor**2
         optimizer = torch.optim.SGD([syn], lr=settings.lr_images or DM_LR_IMAGES, momentum=DM_MOMENTUM)
         augment = SiameseAugment(settings.dsa_strategy) if settings.dsa else None
         compiled = resolve_compile(settings.compile, settings.iterations, self.device)
@@ -102,7 +109,8 @@ class PrivateDistributionMatching(PrivateDistiller):
             self.before_iteration(iteration, images, labels, syn)
             net = self.network(images.shape[1:], num_classes, generator)
             samples = poisson_by_slot(privacy, labels_cpu, slots)
-            batch = sample_class_batches(images, syn, samples, present, offsets, augment, generator)
+            decoded = decode(syn, settings.factor)
+            batch = sample_class_batches(images, decoded, samples, present, offsets, augment, generator)
             embedder = Embedder(net, settings.real_precision, compiled)
             syn_features = embedder.synthetic(torch.cat(batch.synthetic))
             features = embedder.real(batch.real) if len(batch.real) else syn_features.detach()[:0]

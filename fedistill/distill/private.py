@@ -24,7 +24,7 @@ from fedistill.data import ImageData
 from fedistill.distill.base import Distiller, DistillSettings, IterationHook, NetworkSource
 from fedistill.models import ModelSpec
 from fedistill.privacy import PrivateData
-from fedistill.synthetic import SyntheticSet
+from fedistill.synthetic import SyntheticSet, check_factor, encode
 
 
 class PrivateDistiller(Distiller):
@@ -71,7 +71,10 @@ class PrivateDistiller(Distiller):
     def initial_set(
         self, image_shape: torch.Size | tuple[int, ...], budgets: np.ndarray, generator: torch.Generator
     ) -> torch.Tensor:
-        """Starting images by class: the previous (already private) set, else N(0, 1) noise; never private images."""
+        """Starting images by class: the previous (already private) set, else N(0, 1) noise; never private images.
+
+        Shapes are the stored images' (a factorised set's noise is tiled by ``decode`` later).
+        """
         if self.start is not None:
             return self.start_images(image_shape, budgets)
         noise = torch.randn((int(budgets.sum()), *image_shape), generator=generator)
@@ -106,6 +109,7 @@ class PrivateDistiller(Distiller):
                 "sample_rate": self.privacy.sample_rate,
                 **provenance,
             },
+            factor=self.settings.factor,
         )
 
 
@@ -171,26 +175,31 @@ def sample_class_batches(
 
 
 def public_start(
-    public: ImageData, budgets: np.ndarray, generator: torch.Generator, device: torch.device
+    public: ImageData, budgets: np.ndarray, generator: torch.Generator, device: torch.device, factor: int = 1
 ) -> SyntheticSet:
     """A private method's starting set from public images: ``budgets[c]`` random public images of class ``c``.
 
     Classes the public pool has too few images of are topped up with N(0, 1)
     noise. Only public images and public randomness are read, so the start
-    costs no privacy; ``budgets`` come from the released (noisy) counts.
+    costs no privacy; ``budgets`` come from the released (noisy) counts. With
+    ``factor`` > 1 each stored image tiles ``factor**2`` shrunk public images.
     """
     images = public.normalized(device)
+    check_factor(factor, tuple(images.shape[2:]))
+    tiles = factor * factor
     parts, labels = [], []
     for cls, budget in enumerate(budgets.tolist()):
         rows = np.flatnonzero(public.labels == cls)
-        chosen = torch.from_numpy(rows)[torch.randperm(len(rows), generator=generator)[:budget]]
-        noise = torch.randn((budget - len(chosen), *images.shape[1:]), generator=generator).to(device)
+        chosen = torch.from_numpy(rows)[torch.randperm(len(rows), generator=generator)[: budget * tiles]]
+        noise = torch.randn((budget * tiles - len(chosen), *images.shape[1:]), generator=generator).to(device)
         parts += [images[chosen.to(device)], noise]
         labels.append(torch.full((budget,), cls, dtype=torch.int64))
+    whole = [encode(torch.cat(parts[index : index + 2]), factor) for index in range(0, len(parts), 2)]
     return SyntheticSet(
-        torch.cat(parts),
+        torch.cat(whole),
         torch.cat(labels).to(device),
         len(budgets),
         np.zeros(len(budgets), dtype=np.int64),
         provenance={"init": "public", "public_images": int(sum(len(p) for p in parts[::2]))},
+        factor=factor,
     )
