@@ -12,13 +12,14 @@ from benchmarks.common import RESULTS
 METHODS = (
     ("dp-dm", "noise", False, "DP-DM from noise (image lr 1)"),
     ("dp-dm", "public", False, "DP-DM from public images (image lr 1)"),
-    ("dp-dm", "public", True, "DP-DM from public images (image lr tuned on the public split)"),
+    ("dp-dm", "public", True, "DP-DM from public images (image lr tuned on the public split{caveat})"),
     ("dp-gm", "public", False, "DP gradient matching from public images (image lr 0.1)"),
     ("dp-fedavg", None, False, f"DP-FedAvg (DP-SGD, lr {DP_FEDAVG_LR:g})"),
-    ("dp-fedavg", None, True, "DP-FedAvg (DP-SGD, lr tuned on the public split)"),
+    ("dp-fedavg", None, True, "DP-FedAvg (DP-SGD, lr tuned on the public split{caveat})"),
 )
 """Table rows: method, starting images of the distillers (rows written before ``--init`` existed started from
-noise), whether the learning rate was set by ``--lr`` (tuned) rather than left at the method's default."""
+noise), whether the learning rate was set by ``--lr`` (tuned) rather than left at the method's default, and the name
+(``{caveat}``: what a tuned row assumed beyond its setting)."""
 EPSILONS = (1.0, 2.0, 5.0, 10.0)
 COUNT_RELEASE_FIX = "2026-12-06"
 """Rows run before this date released class presence from the true counts (issue 21); the table marks them."""
@@ -108,7 +109,7 @@ def setting_table(
         own = None if method == "dp-fedavg" else setting  # DP-FedAvg uses no public images: the same rows in every table
         by_epsilon = {key[-1]: row for key, row in rows.items() if key[:4] == (method, init, own, tuned)}
         if by_epsilon or setting is None or setting == ("rest", None):
-            label = f"{name[:-1]}{tuning_caveat(setting)})" if tuned else name
+            label = name.format(caveat=tuning_caveat(setting))
             lines.append(f"| {label} | " + " | ".join(accuracy_cells(by_epsilon, tuned)) + " |")
     if setting is not None and setting in start_alone:
         row = start_alone[setting]
