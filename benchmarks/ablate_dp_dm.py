@@ -32,8 +32,12 @@ class RawEmbeddings(PrivateDistributionMatching):
         clip = self.privacy.clip_norm
         sums = clipped_class_sums(features, slot_of_row, len(syn_sizes), clip)
         real_means = (mechanism.release(sums, self.privacy.sample_rate) / expected).float()
+        return self.replay_loss(syn_features, syn_sizes, real_means), real_means
+
+    def replay_loss(self, syn_features, syn_sizes, targets):  # type: ignore[no-untyped-def]
+        clip = self.privacy.clip_norm
         syn_means = torch.stack([part.mean(0) for part in clip_rows(syn_features, clip).split(syn_sizes)])
-        return syn_features.shape[1] / (4 * clip**2) * ((real_means - syn_means) ** 2).sum()
+        return syn_features.shape[1] / (4 * clip**2) * ((targets - syn_means) ** 2).sum()
 
 
 def main() -> None:

@@ -122,7 +122,11 @@ def main() -> None:
     parser.add_argument("--eval-dsa", action="store_true",
                         help="DSA augmentation while training the evaluation networks (the papers' protocol)")
     parser.add_argument("--cache", default="runs/bench/.cache", help="teacher cache shared with bench_central")
+    parser.add_argument("--save-dir", type=Path, default=None,
+                        help="also write every snapshot there (VARIANT-SECONDSs.safetensors) to relabel later")
     args = parser.parse_args()
+    if args.save_dir is not None:
+        args.save_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
@@ -149,6 +153,8 @@ def main() -> None:
     for variant in args.methods:
         points = []
         for seconds, syn in distil_with_checkpoints(variant, args, images, labels, train.info.num_classes):
+            if args.save_dir is not None:
+                syn.save(args.save_dir / f"{variant.replace(':', '-').replace('@', '-')}-{seconds:.0f}s.safetensors")
             points.append(point(seconds, syn))
             print(f"{variant}: {seconds:.0f} s -> {points[-1]['accuracy']:.2f} %", flush=True)
         series[variant] = points

@@ -82,6 +82,8 @@ def experiment(args: argparse.Namespace) -> ExperimentConfig:
             distill["lr_images"] = args.lr
         if args.method == "dp-gm":
             distill.update(outer_loop=args.outer_loop, inner_loop=args.inner_loop)
+        if args.replay_steps:
+            distill["replay_steps"] = args.replay_steps
         values["distill"] = distill
         values["federation"] = {
             "protocol": "one-shot",
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="dp-fedavg rounds")
     parser.add_argument("--local-epochs", type=int, default=1, help="dp-fedavg Poisson epochs per round")
     parser.add_argument("--lr", type=float, default=None, help="image lr (distillers) or local lr (dp-fedavg)")
+    parser.add_argument("--replay-steps", type=int, default=0,
+                        help="dp-dm: image steps against kept releases after each release (post-processing)")
     parser.add_argument("--sample-rate", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--presence-sigmas", type=float, default=3.0)
@@ -161,6 +165,7 @@ def main() -> None:
         "releases_per_client": privacy["steps_per_round"] * (args.rounds if args.method == "dp-fedavg" else 1),
         "budget": budget(args),
         "lr": args.lr,
+        "replay_steps": args.replay_steps,
         "accuracy": accuracy,
         "accuracy_std": metrics["eval"]["std"] if metrics.get("eval") else None,
         "accepted": metrics["accepted"],
@@ -238,7 +243,8 @@ def row_name(args: argparse.Namespace) -> str:
     if args.iterations == 0:
         return f"{args.method}-{args.init}{public_tag(args)}-start-only"
     variant = f"-public{public_tag(args)}" if args.init == "public" else ""
-    return f"{args.method}{variant}-eps{args.epsilon:g}" + ("" if args.lr is None else f"-lr{args.lr:g}")
+    replay = f"-replay{args.replay_steps}" if args.replay_steps else ""
+    return f"{args.method}{variant}-eps{args.epsilon:g}" + ("" if args.lr is None else f"-lr{args.lr:g}") + replay
 
 
 def budget(args: argparse.Namespace) -> str:
@@ -251,7 +257,9 @@ def budget(args: argparse.Namespace) -> str:
         f" images, a pool of {args.public_size}" if args.public_size else " images")
     start = f"from {pool}" if args.init == "public" else "from noise"
     lr = "" if args.lr is None else f", image lr {args.lr:g}"
-    return f"IPC 10 {start}, {args.iterations} iterations{extra}{lr}, {common}, {args.aggregation}, {evaluation}"
+    replay = f", {args.replay_steps} replay steps per release" if args.replay_steps else ""
+    steps = f"{args.iterations} iterations{extra}{lr}{replay}"
+    return f"IPC 10 {start}, {steps}, {common}, {args.aggregation}, {evaluation}"
 
 
 if __name__ == "__main__":

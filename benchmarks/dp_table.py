@@ -11,6 +11,7 @@ from benchmarks.common import RESULTS
 
 METHODS = (
     ("dp-dm", "noise", False, "DP-DM from noise (image lr 1)"),
+    ("dp-dm+replay", "noise", False, "DP-DM from noise, replaying its releases (image lr 1)"),
     ("dp-dm", "public", False, "DP-DM from public images (image lr 1)"),
     ("dp-dm", "public", True, "DP-DM from public images (image lr tuned on the public split{caveat})"),
     ("dp-gm", "public", False, "DP gradient matching from public images (image lr 0.1)"),
@@ -130,7 +131,8 @@ def collect(
             start_alone[setting] = row
             continue
         init = row.get("init", None if row["method"] == "dp-fedavg" else "noise")
-        rows[(row["method"], init, setting, row_lr(row) is not None, float(row["target_epsilon"]))] = row
+        method = row["method"] + ("+replay" if row.get("replay_steps") else "")
+        rows[(method, init, setting, row_lr(row) is not None, float(row["target_epsilon"]))] = row
     return rows, start_alone
 
 

@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--eval-dsa", action="store_true")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--factor", type=int, default=1, help="dp-dm: tiles per stored image side (IDC-style)")
+    parser.add_argument("--replay-steps", type=int, default=0,
+                        help="dp-dm: image steps against kept releases per release")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,7 +73,7 @@ def main() -> None:
     settings = DistillSettings(
         ipc=10, iterations=args.steps, init=args.init, lr_images=args.lr, dsa=True,
         dsa_strategy="color_crop_cutout_scale_rotate", outer_loop=args.outer_loop, compile="auto",
-        factor=args.factor,
+        factor=args.factor, replay_steps=args.replay_steps,
     )
     if args.method == "dp-sgd":
         releases = args.steps * max(1, int(1 / args.sample_rate))

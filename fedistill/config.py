@@ -150,6 +150,10 @@ class DistillConfig(_Section):
     lr_teacher: float = Field(default=0.01, gt=0, description="mtt: the experts' SGD rate, the student's starting rate")
     lr_lr: float = Field(default=1e-5, gt=0, description="mtt: SGD rate of the learnable student learning rate")
     batch_syn: int | None = Field(default=None, ge=1, description="mtt: student minibatch; default the whole set")
+    replay_steps: int = Field(
+        default=0, ge=0, le=10000,
+        description="dp-dm: image steps against earlier releases after each release (post-processing: no privacy)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -164,6 +168,16 @@ class DistillConfig(_Section):
         if value is not None:
             parse_strategy(value)
         return value
+
+    @model_validator(mode="after")
+    def _replay_needs_dp_dm(self) -> DistillConfig:
+        """Replay is dp-dm's; set for another method it would silently do nothing: refuse it."""
+        if self.replay_steps and self.method != "dp-dm":
+            raise ValueError(
+                f"distill.replay_steps is read only by method 'dp-dm', not {self.method!r}; "
+                f"leave it 0 or set distill.method = 'dp-dm'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mtt_keys_need_mtt(self) -> DistillConfig:

@@ -10,6 +10,7 @@ membership-inference audit's e^eps bound.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,10 @@ from rich.console import Console
 from clients.app import distill_partition
 from fedistill.central import run_central
 from fedistill.config import ConfigError, parse_config
+from fedistill.augment import SiameseAugment
 from fedistill.data import ImageData
 from fedistill.distill import DistillSettings, get_distiller
+from fedistill.distill.dp_dm import KeptRelease
 from fedistill.distill.embedding import random_network
 from fedistill.distill.private import public_start
 from fedistill.models import ModelSpec, build_model
@@ -375,6 +378,51 @@ def test_factorised_dp_dm_stores_tiles_and_makes_the_same_accounted_releases(dig
     assert releases[1] == releases[2]
 
 
+def test_replay_is_post_processing_the_same_releases_and_noise_draws_as_without_it(
+    digits_train: ImageData, noise_draws: list  # type: ignore[type-arg]
+) -> None:
+    """Replaying kept releases moves the images further but makes no release: the ledger, the noise draws and
+    the released counts are those of ``replay_steps = 0``."""
+    runs = {}
+    for replay in (0, 5):
+        noise_draws.clear()
+        privacy = private_data(digits_train.labels, rate=0.1)
+        syn = distil("dp-dm", digits_train, privacy, iterations=4, replay_steps=replay)
+        runs[replay] = (syn, [a.entry() for a in privacy.ledger.accesses], list(noise_draws))
+    assert runs[0][1] == runs[5][1] and runs[0][2] == runs[5][2]
+    assert len(runs[5][2]) == 1 + 4  # the count release and one draw per iteration, none per replay step
+    assert (runs[0][0].images - runs[5][0].images).abs().max() > 1e-3
+    assert runs[5][0].provenance["replay_steps"] == 5 and "replay_steps" not in runs[0][0].provenance
+
+
+def test_replay_pulls_the_class_means_to_a_kept_release_without_the_private_images(digits_train: ImageData) -> None:
+    """``replay`` is given no private image: only the kept release (public network, draws, targets) and the set;
+    its steps lower the distance of the class means to the release's targets."""
+    privacy = private_data(digits_train.labels, rate=0.1)
+    distiller = get_distiller("dp-dm")(SPEC, settings(replay_steps=20, lr_images=0.1), CPU, privacy=privacy)
+    generator = torch.Generator().manual_seed(0)
+    budgets = privacy.budgets(3)
+    present = [int(c) for c in np.flatnonzero(budgets > 0)]
+    offsets = np.concatenate([[0], np.cumsum(budgets)])
+    syn = torch.randn(int(budgets.sum()), 1, 8, 8, generator=generator).requires_grad_(True)
+    net = distiller.network((1, 8, 8), 10, generator)
+    augment = SiameseAugment("color_crop_cutout_scale_rotate")
+    draws = [augment.sample(1, generator, syn.device, siamese=True) for _ in present]
+    sizes = [int(budgets[c]) for c in present]
+
+    def distance() -> float:
+        with torch.no_grad():
+            parts = [augment.apply(syn[offsets[c] : offsets[c + 1]], d) for c, d in zip(present, draws, strict=True)]
+            return float(distiller.replay_loss(net.embed(torch.cat(parts)), sizes, targets))
+
+    targets = torch.randn(len(present), net.embed(syn[:1]).shape[1], generator=generator)
+    before = distance()
+    optimizer = torch.optim.SGD([syn], lr=0.1, momentum=0.5)
+    distiller.replay(syn, [KeptRelease(net, draws, targets)], present, offsets, augment, optimizer, generator, False)
+    assert distance() < 0.9 * before
+    assert "images" not in inspect.signature(distiller.replay).parameters
+
+
 def test_a_factorised_public_start_tiles_public_images_of_each_class(digits_train: ImageData) -> None:
     private, public = digits_train.subset(np.arange(1000)), digits_train.subset(np.arange(1000, len(digits_train)))
     budgets = np.array([2, 2, 0, 2, 2, 2, 2, 2, 2, 1])
@@ -468,6 +516,7 @@ def test_private_set_uses_released_counts_and_passes_server_validation(digits_tr
         ({"privacy": {"accountant": "gdp"}}, "privacy.accountant: invalid value 'gdp'; allowed: 'rdp' or 'prv'"),
         ({"privacy": {"sample_rate": 1.5}}, "privacy.sample_rate"),
         ({"privacy": {"delta": 0}}, "privacy.delta"),
+        ({"distill": {"method": "dm", "replay_steps": 3}}, "distill.replay_steps is read only by method 'dp-dm'"),
     ],
 )
 def test_privacy_config_errors_name_the_key(values: dict, message: str) -> None:  # type: ignore[type-arg]

@@ -46,6 +46,7 @@ class DistillSettings:
     ``syn_steps`` .. ``batch_syn`` are trajectory matching's (``mtt``; see ``distill.mtt``):
     ``expert_train_epochs`` ``None`` trains experts just long enough for the latest start
     (``max_start_epoch + expert_epochs - 1``), ``batch_syn`` ``None`` steps on the whole set.
+    ``replay_steps`` are ``dp-dm``'s image steps against its earlier releases after each release.
     ``cache_dir`` is where expert trajectories and teachers are kept between runs (``None``: not
     kept); the runners set it, it is not a config key.
     """
@@ -75,6 +76,7 @@ class DistillSettings:
     lr_teacher: float = 0.01
     lr_lr: float = 1e-5
     batch_syn: int | None = None
+    replay_steps: int = 0
     cache_dir: str | None = None
 
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from fedistill.augment import SiameseAugment
+from fedistill.augment import AugmentParams, SiameseAugment
 from fedistill.data import ImageData
 from fedistill.distill.base import Distiller, DistillSettings, IterationHook, NetworkSource
 from fedistill.models import ModelSpec
@@ -144,6 +144,8 @@ class ClassBatches(NamedTuple):
     """The class slot of each row of ``real`` (CPU)."""
     synthetic: list[torch.Tensor]
     """Per slot, that class's synthetic images."""
+    draws: list[AugmentParams | None]
+    """Per slot, the siamese augmentation draw both sides took (``None`` without augmentation): public, replayable."""
 
 
 def sample_class_batches(
@@ -160,18 +162,19 @@ def sample_class_batches(
     The augmentation parameters are drawn whatever the sample size, so the
     public randomness never depends on the private data.
     """
-    reals, slot_ids, synthetic = [], [], []
+    reals, slot_ids, synthetic, draws = [], [], [], []
     for slot, cls in enumerate(present):
         real = images[samples[slot].to(images.device)]
         mine = syn[offsets[cls] : offsets[cls + 1]]
-        if augment is not None:
-            params = augment.sample(1, generator, syn.device, siamese=True)
+        params = None if augment is None else augment.sample(1, generator, syn.device, siamese=True)
+        if augment is not None and params is not None:
             mine = augment.apply(mine, params)
             real = augment.apply(real, params) if len(real) else real
         reals.append(real)
         slot_ids.append(torch.full((len(real),), slot, dtype=torch.int64))
         synthetic.append(mine)
-    return ClassBatches(torch.cat(reals), torch.cat(slot_ids), synthetic)
+        draws.append(params)
+    return ClassBatches(torch.cat(reals), torch.cat(slot_ids), synthetic, draws)
 
 
 def public_start(
