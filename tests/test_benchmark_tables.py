@@ -50,7 +50,7 @@ def test_gain_over_start_refuses_a_missing_or_differently_evaluated_start(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_dp_fed, "RESULTS", tmp_path)
     args = argparse.Namespace(method="dp-dm", init="public", public="rest", public_size=100, iterations=150,
-                              outer_loop=5, inner_loop=10, lr=0.03, sample_rate=0.1, clip=1.0, aggregation="union",
+                              replay_steps=0, outer_loop=5, inner_loop=10, lr=0.03, sample_rate=0.1, clip=1.0, aggregation="union",
                               eval_epochs=300, num_nets=1, eval_dsa=True, rounds=5, local_epochs=1)
     with pytest.raises(SystemExit, match="dp-dm-public-pool100-start-only.json"):
         bench_dp_fed.start_alone_row(args)
@@ -67,9 +67,21 @@ def test_an_ablation_row_lands_beside_the_table_not_over_its_row(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench_dp_fed, "RESULTS", tmp_path)
     args = argparse.Namespace(method="dp-dm", init="public", public="rest", public_size=None, iterations=300,
-                              epsilon=10.0, lr=None, ablation=None)
+                              replay_steps=0, epsilon=10.0, lr=None, ablation=None)
     table_row = bench_dp_fed.row_path(args)
     args.ablation = "more-releases"
     ablation_row = bench_dp_fed.row_path(args)
     assert table_row == tmp_path / "dp-fed" / "dp-dm-public-eps10.json"
     assert ablation_row == tmp_path / "dp-fed" / "more-releases" / "dp-dm-public-eps10.json"
+
+
+def test_a_replay_row_gets_its_own_line_and_leaves_the_plain_row_alone() -> None:
+    rows = [
+        _row("dp-dm", 10.0, 0.7646, init="noise", lr=None),
+        _row("dp-dm", 10.0, 0.7801, init="noise", lr=None, replay_steps=20),
+    ]
+    noise = _tables(rows)[dp_table.setting_name(None)]
+    assert any(line.startswith("| DP-DM from noise (image lr 1) | not run | not run | not run | 76.46 |")
+               for line in noise)
+    assert any(line.startswith("| DP-DM from noise, replaying its releases (image lr 1) | not run | not run | not run "
+                               "| 78.01 |") for line in noise)
