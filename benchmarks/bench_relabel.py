@@ -9,7 +9,7 @@ networks learn by knowledge distillation from those stored labels
 pass its 0 s snapshot with ``--start`` for the start-alone row) is evaluated
 beside a random real subset of as many whole images as it stores (the same
 bytes), labelled by the same teacher. Rows go to
-``benchmarks/results/central/relabel.json``; ``--id`` also writes the best
+``benchmarks/results/central/relabel<TAG>.json``; ``--id`` also writes the best
 set's accuracy as a headline record.
 """
 
@@ -47,6 +47,7 @@ def main() -> None:
                         help="DSA augmentation while training the evaluation networks (the stored labels stay fixed)")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench/.cache"), help="teacher cache")
     parser.add_argument("--id", help="also write benchmarks/results/<id>.json with the best set's accuracy")
+    parser.add_argument("--tag", default="", help="suffix of the rows' file, relabel<TAG>.json")
     args = parser.parse_args()
     for path in [*args.set, *([args.start] if args.start else [])]:
         if not path.is_file():
@@ -58,6 +59,7 @@ def main() -> None:
     test_x, test_y = test.normalized(device), torch.from_numpy(test.labels)
     config = parse_config({
         "data": {"name": "fashion-mnist"},
+        "distill": {"labels": "teacher", "teacher_epochs": args.teacher_epochs, "temperature": args.kd_temperature},
         "eval": {"epochs": args.eval_epochs, "dsa": args.eval_dsa, "protocol": "soft-label-kd",
                  "kd_temperature": args.kd_temperature},
     })
@@ -95,7 +97,7 @@ def main() -> None:
         "hardware": hardware(),
         "date": dt.date.today().isoformat(),
     }
-    out = RESULTS / "central" / "relabel.json"
+    out = RESULTS / "central" / f"relabel{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(record, indent=2) + "\n")
     if args.id:
