@@ -150,10 +150,7 @@ class DistillConfig(_Section):
     lr_teacher: float = Field(default=0.01, gt=0, description="mtt: the experts' SGD rate, the student's starting rate")
     lr_lr: float = Field(default=1e-5, gt=0, description="mtt: SGD rate of the learnable student learning rate")
     batch_syn: int | None = Field(default=None, ge=1, description="mtt: student minibatch; default the whole set")
-    replay_steps: int = Field(
-        default=0, ge=0, le=10000,
-        description="dp-dm: image steps against earlier releases after each release (post-processing: no privacy)",
-    )
+    replay_steps: int = Field(default=0, ge=0, le=10000, description="dp-dm: steps against kept releases per release")
 
     @field_validator("method")
     @classmethod
@@ -170,28 +167,17 @@ class DistillConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _replay_needs_dp_dm(self) -> DistillConfig:
-        """Replay is dp-dm's; set for another method it would silently do nothing: refuse it."""
-        if self.replay_steps and self.method != "dp-dm":
-            raise ValueError(
-                f"distill.replay_steps is read only by method 'dp-dm', not {self.method!r}; "
-                f"leave it 0 or set distill.method = 'dp-dm'"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _mtt_keys_need_mtt(self) -> DistillConfig:
-        """A trajectory-matching key set for another method would silently do nothing: refuse it."""
-        if self.method != "mtt":
-            for key in MTT_KEYS:
-                if getattr(self, key) != type(self).model_fields[key].default:
+    def _method_keys_need_their_method(self) -> DistillConfig:
+        """A key only one method reads, set for another method, would silently do nothing: refuse it."""
+        for owner, keys in METHOD_KEYS.items():
+            for key in keys:
+                if self.method != owner and getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(
-                        f"distill.{key} is read only by method 'mtt', not {self.method!r}; "
-                        f"leave it unset or set distill.method = 'mtt'"
+                        f"distill.{key} is read only by method {owner!r}, not {self.method!r}; "
+                        f"leave it unset or set distill.method = {owner!r}"
                     )
-            return self
         needed = self.max_start_epoch + self.expert_epochs - 1
-        if self.expert_train_epochs is not None and self.expert_train_epochs < needed:
+        if self.method == "mtt" and self.expert_train_epochs is not None and self.expert_train_epochs < needed:
             raise ValueError(
                 f"distill.expert_train_epochs: {self.expert_train_epochs} is too short for distill.max_start_epoch "
                 f"{self.max_start_epoch} and distill.expert_epochs {self.expert_epochs}; needs >= {needed}"
@@ -216,6 +202,8 @@ MTT_KEYS = (
     "lr_lr",
     "batch_syn",
 )
+METHOD_KEYS = {"mtt": MTT_KEYS, "dp-dm": ("replay_steps",)}
+"""Keys only one method reads."""
 """``[distill]`` keys only trajectory matching reads."""
 
 
