@@ -166,8 +166,9 @@ def sample_class_batches(
     for slot, cls in enumerate(present):
         real = images[samples[slot].to(images.device)]
         mine = syn[offsets[cls] : offsets[cls + 1]]
-        params = None if augment is None else augment.sample(1, generator, syn.device, siamese=True)
-        if augment is not None and params is not None:
+        params = None
+        if augment is not None:
+            params = augment.sample(1, generator, syn.device, siamese=True)
             mine = augment.apply(mine, params)
             real = augment.apply(real, params) if len(real) else real
         reals.append(real)
